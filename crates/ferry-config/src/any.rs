@@ -1,0 +1,169 @@
+//! `typed_config` slots: protobuf `Any` messages, `{"@type": URL, ...fields of that type}`.
+//!
+//! The `@type` decides which message the other fields belong to. When `@type` comes first
+//! (as in every Envoy example) the remaining fields are deserialized straight from the
+//! input, so unknown-field errors keep their full path and line/column. When it does not,
+//! the object is buffered first; errors then still carry the full path (spliced in by
+//! [`crate::error`]) but no line/column.
+//!
+//! A `@type` this slot does not implement is kept as `Other(url)` (its fields skipped) so
+//! that validation can report it with its path and the expected type.
+
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
+
+use crate::raw::{DownstreamTlsContext, HttpConnectionManager, QuicDownstreamTransport, Router};
+
+/// `@type` of the QUIC downstream transport socket.
+pub const QUIC_DOWNSTREAM_TRANSPORT: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.quic.v3.QuicDownstreamTransport";
+/// `@type` of the TLS (TCP) downstream transport socket.
+pub const DOWNSTREAM_TLS_CONTEXT: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
+/// `@type` of the HTTP connection manager network filter.
+pub const HTTP_CONNECTION_MANAGER: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+/// `@type` of the router HTTP filter.
+pub const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
+
+/// Marks a message carrying a nested path (see [`crate::error`]): `MARK path MARK message`.
+pub(crate) const PATH_MARK: char = '\u{1}';
+
+/// A `typed_config` slot: how to read the fields once `@type` is known.
+pub(crate) trait AnySlot: Sized {
+    /// What this slot holds, for "invalid type" messages.
+    const WHAT: &'static str;
+    fn from_type<'de, D: Deserializer<'de>>(type_url: String, rest: D) -> Result<Self, D::Error>;
+}
+
+fn skip<'de, D: Deserializer<'de>>(rest: D) -> Result<(), D::Error> {
+    IgnoredAny::deserialize(rest).map(|_| ())
+}
+
+/// `filter_chains[].transport_socket.typed_config` of a listener.
+#[derive(Debug)]
+pub(crate) enum DownstreamTransportConfig {
+    Quic(QuicDownstreamTransport),
+    Tls(DownstreamTlsContext),
+    Other(String),
+}
+
+impl AnySlot for DownstreamTransportConfig {
+    const WHAT: &'static str = "a transport socket typed_config";
+    fn from_type<'de, D: Deserializer<'de>>(url: String, rest: D) -> Result<Self, D::Error> {
+        Ok(match url.as_str() {
+            QUIC_DOWNSTREAM_TRANSPORT => Self::Quic(QuicDownstreamTransport::deserialize(rest)?),
+            DOWNSTREAM_TLS_CONTEXT => Self::Tls(DownstreamTlsContext::deserialize(rest)?),
+            _ => {
+                skip(rest)?;
+                Self::Other(url)
+            }
+        })
+    }
+}
+
+/// `filter_chains[].filters[].typed_config` (network filters).
+#[derive(Debug)]
+pub(crate) enum NetworkFilterConfig {
+    Hcm(Box<HttpConnectionManager>),
+    Other(String),
+}
+
+impl AnySlot for NetworkFilterConfig {
+    const WHAT: &'static str = "a network filter typed_config";
+    fn from_type<'de, D: Deserializer<'de>>(url: String, rest: D) -> Result<Self, D::Error> {
+        Ok(match url.as_str() {
+            HTTP_CONNECTION_MANAGER => {
+                Self::Hcm(Box::new(HttpConnectionManager::deserialize(rest)?))
+            }
+            _ => {
+                skip(rest)?;
+                Self::Other(url)
+            }
+        })
+    }
+}
+
+/// HCM `http_filters[].typed_config`.
+#[derive(Debug)]
+pub(crate) enum HttpFilterConfig {
+    Router(Router),
+    Other(String),
+}
+
+impl AnySlot for HttpFilterConfig {
+    const WHAT: &'static str = "an HTTP filter typed_config";
+    fn from_type<'de, D: Deserializer<'de>>(url: String, rest: D) -> Result<Self, D::Error> {
+        Ok(match url.as_str() {
+            ROUTER => Self::Router(Router::deserialize(rest)?),
+            _ => {
+                skip(rest)?;
+                Self::Other(url)
+            }
+        })
+    }
+}
+
+macro_rules! deserialize_via_any_slot {
+    ($($t:ty),*) => {$(
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                deserializer.deserialize_map(AnyVisitor::<$t>(PhantomData))
+            }
+        }
+    )*};
+}
+deserialize_via_any_slot!(
+    DownstreamTransportConfig,
+    NetworkFilterConfig,
+    HttpFilterConfig
+);
+
+struct AnyVisitor<T>(PhantomData<T>);
+
+impl<'de, T: AnySlot> Visitor<'de> for AnyVisitor<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(
+            f,
+            "{} (a mapping with \"@type\" and the fields of that type)",
+            T::WHAT
+        )
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<T, A::Error> {
+        let Some(first) = map.next_key::<String>()? else {
+            return Err(de::Error::custom("missing \"@type\""));
+        };
+        if first == "@type" {
+            let url: String = map.next_value()?;
+            return T::from_type(url, de::value::MapAccessDeserializer::new(map));
+        }
+        // `@type` is not first: buffer the object, then read it with its own path tracking.
+        let mut object = serde_json::Map::new();
+        let value: serde_json::Value = map.next_value()?;
+        object.insert(first, value);
+        while let Some((key, value)) = map.next_entry::<String, serde_json::Value>()? {
+            object.insert(key, value);
+        }
+        let url = match object.remove("@type") {
+            Some(serde_json::Value::String(url)) => url,
+            Some(_) => return Err(de::Error::custom("\"@type\" must be a string")),
+            None => return Err(de::Error::custom("missing \"@type\"")),
+        };
+        let mut track = serde_path_to_error::Track::new();
+        let tracked =
+            serde_path_to_error::Deserializer::new(serde_json::Value::Object(object), &mut track);
+        match T::from_type(url, tracked) {
+            Ok(slot) => Ok(slot),
+            Err(e) => {
+                let inner = track.path().to_string();
+                Err(de::Error::custom(format!(
+                    "{PATH_MARK}{inner}{PATH_MARK}{e}"
+                )))
+            }
+        }
+    }
+}

@@ -1,0 +1,595 @@
+//! Layer 1: the Envoy v3 wire shapes, exactly as written in a bootstrap.
+//!
+//! Every struct mirrors one Envoy proto message, with the proto field names, and denies
+//! unknown fields, so a typo is reported with its full path. Each message also lists the
+//! Envoy fields Ferry does not implement (yet): they are accepted by the parser (any
+//! value) and reported by validation as "Envoy field not supported by Ferry (yet)", so
+//! nothing in a bootstrap is ever silently ignored.
+//!
+//! Nothing here applies defaults or checks values: scalars stay `Option`s and enums stay
+//! strings, so that validation (layer 2, `build.rs`) can report every problem at once,
+//! each with its path.
+
+use std::fmt;
+
+use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
+
+pub(crate) use crate::any::{DownstreamTransportConfig, HttpFilterConfig, NetworkFilterConfig};
+
+/// Any value at all: the value of an Envoy field Ferry does not implement. Only its
+/// presence is kept, so that validation can name it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Unsupported;
+
+impl<'de> Deserialize<'de> for Unsupported {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        IgnoredAny::deserialize(deserializer)?;
+        Ok(Unsupported)
+    }
+}
+
+/// Declares one Envoy message: the fields Ferry implements (with their raw types), then
+/// the Envoy fields it knows but does not implement. Generates the struct (with
+/// `deny_unknown_fields`) and `unsupported_fields()`, which lists the latter when present.
+macro_rules! envoy_message {
+    (
+        $(#[$meta:meta])*
+        struct $name:ident {
+            $( $(#[$fmeta:meta])* $field:ident : $ty:ty ),* $(,)?
+        }
+        unsupported [ $($un:ident),* $(,)? ]
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Default, serde::Deserialize)]
+        #[serde(default, deny_unknown_fields)]
+        pub(crate) struct $name {
+            $( $(#[$fmeta])* pub(crate) $field: $ty, )*
+            $( pub(crate) $un: Option<Unsupported>, )*
+        }
+
+        impl $name {
+            /// The Envoy fields present here that Ferry does not implement, in
+            /// declaration order.
+            #[allow(unused_mut)]
+            pub(crate) fn unsupported_fields(&self) -> Vec<&'static str> {
+                let mut present = Vec::new();
+                $( if self.$un.is_some() { present.push(stringify!($un)); } )*
+                present
+            }
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------------------
+// envoy.config.bootstrap.v3
+
+envoy_message! {
+    /// `envoy.config.bootstrap.v3.Bootstrap`.
+    struct Bootstrap {
+        admin: Option<Admin>,
+        static_resources: Option<StaticResources>,
+    }
+    unsupported [
+        node, node_context_params, dynamic_resources, cluster_manager, hds_config, flags_path,
+        stats_sinks, deferred_stat_options, stats_config, stats_flush_interval,
+        stats_flush_on_admin, stats_eviction_interval, watchdog, watchdogs, tracing,
+        layered_runtime, overload_manager, enable_dispatcher_stats, header_prefix,
+        stats_server_version_override, use_tcp_for_dns_lookups, dns_resolution_config,
+        typed_dns_resolver_config, bootstrap_extensions, fatal_actions, config_sources,
+        default_config_source, default_socket_interface, certificate_provider_instances,
+        inline_headers, perf_tracing_file_path, default_regex_engine, xds_delegate_extension,
+        xds_config_tracker_extension, listener_manager, application_log_config,
+        grpc_async_client_manager_config, memory_allocator_manager,
+    ]
+}
+
+envoy_message! {
+    /// `envoy.config.bootstrap.v3.Admin`.
+    struct Admin {
+        address: Option<Address>,
+    }
+    unsupported [access_log, access_log_path, profile_path, socket_options, ignore_global_conn_limit]
+}
+
+envoy_message! {
+    /// `envoy.config.bootstrap.v3.Bootstrap.StaticResources`.
+    struct StaticResources {
+        listeners: Vec<Listener>,
+        clusters: Vec<Cluster>,
+    }
+    unsupported [secrets]
+}
+
+// ---------------------------------------------------------------------------------------
+// envoy.config.core.v3: addresses, data sources
+
+envoy_message! {
+    /// `envoy.config.core.v3.Address`.
+    struct Address {
+        socket_address: Option<SocketAddress>,
+    }
+    unsupported [pipe, envoy_internal_address]
+}
+
+envoy_message! {
+    /// `envoy.config.core.v3.SocketAddress`.
+    struct SocketAddress {
+        protocol: Option<String>,
+        address: Option<String>,
+        port_value: Option<PortValue>,
+    }
+    unsupported [named_port, resolver_name, ipv4_compat, network_namespace_filepath]
+}
+
+envoy_message! {
+    /// `envoy.config.core.v3.DataSource`.
+    struct DataSource {
+        filename: Option<String>,
+        inline_string: Option<String>,
+        inline_bytes: Option<String>,
+    }
+    unsupported [environment_variable, watched_directory]
+}
+
+/// A `uint32` as protobuf JSON writes it: a number, or a decimal string. Anything else is
+/// kept as written so that validation reports it (with every other problem) by path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum PortValue {
+    Number(u64),
+    Invalid(String),
+}
+
+impl<'de> Deserialize<'de> for PortValue {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = PortValue;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a port number (0..=65535)")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<PortValue, E> {
+                Ok(PortValue::Number(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<PortValue, E> {
+                Ok(u64::try_from(v)
+                    .map_or_else(|_| PortValue::Invalid(v.to_string()), PortValue::Number))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<PortValue, E> {
+                Ok(PortValue::Invalid(format!("{v:?}")))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<PortValue, E> {
+                Ok(PortValue::Invalid(v.to_string()))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<PortValue, E> {
+                Ok(v.parse::<u64>()
+                    .map_or_else(|_| PortValue::Invalid(v.to_owned()), PortValue::Number))
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
+}
+
+/// A `google.protobuf.Duration` as written: the protobuf JSON string form (`"5s"`,
+/// `"0.25s"`) or the object form (`{seconds: 5, nanos: 0}`). Checked by validation, which
+/// also reports a bare number (`5`) as such.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum RawDuration {
+    Text(String),
+    Object { seconds: i64, nanos: i64 },
+    Number(String),
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DurationObject {
+    #[serde(default)]
+    seconds: Option<i64>,
+    #[serde(default)]
+    nanos: Option<i64>,
+}
+
+impl<'de> Deserialize<'de> for RawDuration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawDuration;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a duration string such as \"5s\" or \"0.25s\"")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawDuration, E> {
+                Ok(RawDuration::Text(v.to_owned()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawDuration, E> {
+                Ok(RawDuration::Number(v.to_string()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawDuration, E> {
+                Ok(RawDuration::Number(v.to_string()))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<RawDuration, E> {
+                Ok(RawDuration::Number(format!("{v:?}")))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawDuration, A::Error> {
+                let o = DurationObject::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(RawDuration::Object {
+                    seconds: o.seconds.unwrap_or(0),
+                    nanos: o.nanos.unwrap_or(0),
+                })
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// envoy.config.listener.v3
+
+envoy_message! {
+    /// `envoy.config.listener.v3.Listener`.
+    struct Listener {
+        name: Option<String>,
+        address: Option<Address>,
+        udp_listener_config: Option<UdpListenerConfig>,
+        filter_chains: Vec<FilterChain>,
+    }
+    unsupported [
+        additional_addresses, stat_prefix, filter_chain_matcher, use_original_dst,
+        default_filter_chain, per_connection_buffer_limit_bytes, metadata, deprecated_v1,
+        drain_type, listener_filters, listener_filters_timeout,
+        continue_on_listener_filters_timeout, transparent, freebind, socket_options,
+        tcp_fast_open_queue_length, traffic_direction, api_listener, connection_balance_config,
+        reuse_port, enable_reuse_port, access_log, tcp_backlog_size,
+        max_connections_to_accept_per_socket_event, bind_to_port, internal_listener,
+        enable_mptcp, ignore_global_conn_limit, bypass_overload_manager, fcds_config,
+    ]
+}
+
+envoy_message! {
+    /// `envoy.config.listener.v3.UdpListenerConfig`.
+    struct UdpListenerConfig {
+        quic_options: Option<QuicProtocolOptions>,
+    }
+    unsupported [downstream_socket_config, udp_packet_packet_writer_config]
+}
+
+envoy_message! {
+    /// `envoy.config.listener.v3.QuicProtocolOptions`: only the empty form `{}` for now.
+    struct QuicProtocolOptions {}
+    unsupported [
+        quic_protocol_options, idle_timeout, crypto_handshake_timeout, enabled,
+        packets_to_read_to_connection_count_ratio, crypto_stream_config, proof_source_config,
+        connection_id_generator_config, server_preferred_address_config,
+        send_disable_active_migration, connection_debug_visitor_config, save_cmsg_config,
+        reject_new_connections, max_sessions_per_event_loop,
+    ]
+}
+
+envoy_message! {
+    /// `envoy.config.listener.v3.FilterChain`.
+    struct FilterChain {
+        /// A label only (used by Envoy's filter chain matcher, which Ferry does not have).
+        name: Option<String>,
+        filters: Vec<Filter>,
+        transport_socket: Option<DownstreamTransportSocket>,
+    }
+    unsupported [
+        filter_chain_match, use_proxy_proto, metadata, transport_socket_connect_timeout,
+        on_demand_configuration,
+    ]
+}
+
+envoy_message! {
+    /// `envoy.config.core.v3.TransportSocket` on a listener's filter chain.
+    struct DownstreamTransportSocket {
+        name: Option<String>,
+        typed_config: Option<DownstreamTransportConfig>,
+    }
+    unsupported []
+}
+
+envoy_message! {
+    /// `envoy.config.listener.v3.Filter` (a network filter).
+    struct Filter {
+        name: Option<String>,
+        typed_config: Option<NetworkFilterConfig>,
+    }
+    unsupported [config_discovery]
+}
+
+// ---------------------------------------------------------------------------------------
+// envoy.extensions.transport_sockets.{quic,tls}.v3
+
+envoy_message! {
+    /// `envoy.extensions.transport_sockets.quic.v3.QuicDownstreamTransport`.
+    struct QuicDownstreamTransport {
+        downstream_tls_context: Option<DownstreamTlsContext>,
+    }
+    unsupported [enable_early_data]
+}
+
+envoy_message! {
+    /// `envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext`.
+    struct DownstreamTlsContext {
+        common_tls_context: Option<CommonTlsContext>,
+    }
+    unsupported [
+        require_client_certificate, require_sni, session_ticket_keys,
+        session_ticket_keys_sds_secret_config, disable_stateless_session_resumption,
+        disable_stateful_session_resumption, session_timeout, ocsp_staple_policy,
+        full_scan_certs_on_sni_mismatch, prefer_client_ciphers,
+    ]
+}
+
+envoy_message! {
+    /// `envoy.extensions.transport_sockets.tls.v3.CommonTlsContext`.
+    struct CommonTlsContext {
+        tls_certificates: Vec<TlsCertificate>,
+    }
+    unsupported [
+        tls_params, tls_certificate_sds_secret_configs, tls_certificate_provider_instance,
+        custom_tls_certificate_selector, tls_certificate_certificate_provider,
+        tls_certificate_certificate_provider_instance, validation_context,
+        validation_context_sds_secret_config, combined_validation_context,
+        validation_context_certificate_provider, validation_context_certificate_provider_instance,
+        alpn_protocols, custom_handshaker, key_log,
+    ]
+}
+
+envoy_message! {
+    /// `envoy.extensions.transport_sockets.tls.v3.TlsCertificate`.
+    struct TlsCertificate {
+        certificate_chain: Option<DataSource>,
+        private_key: Option<DataSource>,
+    }
+    unsupported [
+        pkcs12, watched_directory, private_key_provider, password, ocsp_staple,
+        signed_certificate_timestamp,
+    ]
+}
+
+// ---------------------------------------------------------------------------------------
+// envoy.extensions.filters.network.http_connection_manager.v3
+
+envoy_message! {
+    /// `envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager`.
+    struct HttpConnectionManager {
+        codec_type: Option<String>,
+        stat_prefix: Option<String>,
+        route_config: Option<RouteConfiguration>,
+        http_filters: Vec<HttpFilter>,
+        upgrade_configs: Vec<HcmUpgradeConfig>,
+        http3_protocol_options: Option<Http3ProtocolOptions>,
+        stream_idle_timeout: Option<RawDuration>,
+    }
+    unsupported [
+        rds, scoped_routes, add_user_agent, tracing, common_http_protocol_options,
+        http_protocol_options, http2_protocol_options, server_name, server_header_transformation,
+        scheme_header_transformation, max_request_headers_kb, max_request_headers_count,
+        request_timeout, request_headers_timeout, drain_timeout, delayed_close_timeout,
+        access_log, access_log_flush_interval, flush_access_log_on_new_request,
+        access_log_options, use_remote_address, xff_num_trusted_hops,
+        original_ip_detection_extensions, early_header_mutation_extensions,
+        internal_address_config, skip_xff_append, via, generate_request_id,
+        preserve_external_request_id, always_set_request_id_in_response,
+        forward_client_cert_details, set_current_client_cert_details, proxy_100_continue,
+        represent_ipv4_remote_address_as_ipv4_mapped_ipv6, normalize_path, merge_slashes,
+        path_with_escaped_slashes_action, request_id_extension, local_reply_config,
+        strip_matching_host_port, strip_any_host_port, stream_error_on_invalid_http_message,
+        path_normalization_options, strip_trailing_host_dot, proxy_status_config,
+        typed_header_validation_config, append_x_forwarded_port, append_local_overload,
+        add_proxy_protocol_connection_state, http1_safe_max_connection_duration,
+    ]
+}
+
+envoy_message! {
+    /// `HttpConnectionManager.UpgradeConfig`.
+    struct HcmUpgradeConfig {
+        upgrade_type: Option<String>,
+        enabled: Option<bool>,
+    }
+    unsupported [filters]
+}
+
+envoy_message! {
+    /// `envoy.extensions.filters.network.http_connection_manager.v3.HttpFilter`.
+    struct HttpFilter {
+        name: Option<String>,
+        typed_config: Option<HttpFilterConfig>,
+    }
+    unsupported [config_discovery, is_optional, disabled]
+}
+
+envoy_message! {
+    /// `envoy.extensions.filters.http.router.v3.Router`: only the empty form for now.
+    struct Router {}
+    unsupported [
+        dynamic_stats, start_child_span, upstream_log, upstream_log_options,
+        suppress_envoy_headers, strict_check_headers, respect_expected_rq_timeout,
+        suppress_grpc_request_failure_code_stats, upstream_http_filters,
+        reject_connect_request_early_data,
+    ]
+}
+
+envoy_message! {
+    /// `envoy.config.core.v3.Http3ProtocolOptions`.
+    struct Http3ProtocolOptions {
+        allow_extended_connect: Option<bool>,
+    }
+    unsupported [
+        quic_protocol_options, override_stream_error_on_invalid_http_message, allow_metadata,
+        disable_qpack, disable_connection_flow_control_for_streams,
+    ]
+}
+
+// ---------------------------------------------------------------------------------------
+// envoy.config.route.v3
+
+envoy_message! {
+    /// `envoy.config.route.v3.RouteConfiguration`.
+    struct RouteConfiguration {
+        name: Option<String>,
+        virtual_hosts: Vec<VirtualHost>,
+    }
+    unsupported [
+        vhds, internal_only_headers, response_headers_to_add, response_headers_to_remove,
+        request_headers_to_add, request_headers_to_remove, most_specific_header_mutations_wins,
+        validate_clusters, max_direct_response_body_size_bytes, cluster_specifier_plugins,
+        request_mirror_policies, ignore_port_in_host_matching,
+        ignore_path_parameters_in_path_matching, typed_per_filter_config, metadata,
+    ]
+}
+
+envoy_message! {
+    /// `envoy.config.route.v3.VirtualHost`.
+    struct VirtualHost {
+        name: Option<String>,
+        domains: Vec<String>,
+        routes: Vec<Route>,
+    }
+    unsupported [
+        matcher, require_tls, virtual_clusters, rate_limits, request_headers_to_add,
+        request_headers_to_remove, response_headers_to_add, response_headers_to_remove, cors,
+        typed_per_filter_config, include_request_attempt_count,
+        include_attempt_count_in_response, retry_policy, retry_policy_typed_config,
+        hedge_policy, include_is_timeout_retry_header, per_request_buffer_limit_bytes,
+        request_body_buffer_limit, request_mirror_policies, metadata,
+    ]
+}
+
+envoy_message! {
+    /// `envoy.config.route.v3.Route`.
+    struct Route {
+        name: Option<String>,
+        #[serde(rename = "match")]
+        matcher: Option<RouteMatch>,
+        route: Option<RouteAction>,
+    }
+    unsupported [
+        redirect, direct_response, filter_action, non_forwarding_action, metadata, decorator,
+        typed_per_filter_config, request_headers_to_add, request_headers_to_remove,
+        response_headers_to_add, response_headers_to_remove, tracing,
+        per_request_buffer_limit_bytes, request_body_buffer_limit, stat_prefix,
+    ]
+}
+
+envoy_message! {
+    /// `envoy.config.route.v3.RouteMatch`.
+    struct RouteMatch {
+        prefix: Option<String>,
+        path: Option<String>,
+        connect_matcher: Option<ConnectMatcher>,
+    }
+    unsupported [
+        safe_regex, path_separated_prefix, path_match_policy, case_sensitive, runtime_fraction,
+        headers, query_parameters, grpc, tls_context, dynamic_metadata, filter_state,
+    ]
+}
+
+envoy_message! {
+    /// `RouteMatch.ConnectMatcher` (no fields).
+    struct ConnectMatcher {}
+    unsupported []
+}
+
+envoy_message! {
+    /// `envoy.config.route.v3.RouteAction`.
+    struct RouteAction {
+        cluster: Option<String>,
+        upgrade_configs: Vec<RouteUpgradeConfig>,
+    }
+    unsupported [
+        cluster_header, weighted_clusters, cluster_specifier_plugin,
+        inline_cluster_specifier_plugin, cluster_not_found_response_code, metadata_match,
+        prefix_rewrite, regex_rewrite, path_rewrite_policy, path_rewrite, host_rewrite_literal,
+        auto_host_rewrite, host_rewrite_header, host_rewrite_path_regex,
+        append_x_forwarded_host, timeout, idle_timeout, flush_timeout, early_data_policy,
+        retry_policy, retry_policy_typed_config, request_mirror_policies, priority, rate_limits,
+        include_vh_rate_limits, hash_policy, cors, max_grpc_timeout, grpc_timeout_offset,
+        internal_redirect_policy, internal_redirect_action, max_internal_redirects,
+        hedge_policy, max_stream_duration,
+    ]
+}
+
+envoy_message! {
+    /// `RouteAction.UpgradeConfig`.
+    struct RouteUpgradeConfig {
+        upgrade_type: Option<String>,
+        enabled: Option<bool>,
+        connect_config: Option<ConnectConfig>,
+    }
+    unsupported []
+}
+
+envoy_message! {
+    /// `RouteAction.UpgradeConfig.ConnectConfig`: only the empty form for now.
+    struct ConnectConfig {}
+    unsupported [proxy_protocol_config, allow_post]
+}
+
+// ---------------------------------------------------------------------------------------
+// envoy.config.cluster.v3, envoy.config.endpoint.v3
+
+envoy_message! {
+    /// `envoy.config.cluster.v3.Cluster`.
+    struct Cluster {
+        name: Option<String>,
+        #[serde(rename = "type")]
+        discovery_type: Option<String>,
+        dns_lookup_family: Option<String>,
+        dns_refresh_rate: Option<RawDuration>,
+        connect_timeout: Option<RawDuration>,
+        lb_policy: Option<String>,
+        load_assignment: Option<ClusterLoadAssignment>,
+    }
+    unsupported [
+        transport_socket_matches, alt_stat_name, cluster_type, eds_cluster_config,
+        per_connection_buffer_limit_bytes, health_checks, max_requests_per_connection,
+        circuit_breakers, upstream_http_protocol_options, common_http_protocol_options,
+        http_protocol_options, http2_protocol_options, typed_extension_protocol_options,
+        dns_jitter, dns_failure_refresh_rate, respect_dns_ttl, dns_resolvers,
+        use_tcp_for_dns_lookups, dns_resolution_config, typed_dns_resolver_config,
+        wait_for_warm_on_init, outlier_detection, cleanup_interval, upstream_bind_config,
+        lb_subset_config, ring_hash_lb_config, maglev_lb_config, original_dst_lb_config,
+        least_request_lb_config, round_robin_lb_config, common_lb_config, transport_socket,
+        metadata, protocol_selection, upstream_connection_options,
+        close_connections_on_host_health_failure, ignore_health_on_host_removal, filters,
+        load_balancing_policy, lrs_server, lrs_report_endpoint_metrics, track_timeout_budgets,
+        upstream_config, track_cluster_stats, preconnect_policy,
+        connection_pool_per_downstream_connection,
+    ]
+}
+
+envoy_message! {
+    /// `envoy.config.endpoint.v3.ClusterLoadAssignment`.
+    struct ClusterLoadAssignment {
+        cluster_name: Option<String>,
+        endpoints: Vec<LocalityLbEndpoints>,
+    }
+    unsupported [named_endpoints, policy]
+}
+
+envoy_message! {
+    /// `envoy.config.endpoint.v3.LocalityLbEndpoints`.
+    struct LocalityLbEndpoints {
+        lb_endpoints: Vec<LbEndpoint>,
+    }
+    unsupported [
+        locality, metadata, leds_cluster_locality_config, load_balancing_weight, priority,
+        proximity,
+    ]
+}
+
+envoy_message! {
+    /// `envoy.config.endpoint.v3.LbEndpoint`.
+    struct LbEndpoint {
+        endpoint: Option<Endpoint>,
+    }
+    unsupported [endpoint_name, health_status, metadata, load_balancing_weight]
+}
+
+envoy_message! {
+    /// `envoy.config.endpoint.v3.Endpoint`.
+    struct Endpoint {
+        address: Option<Address>,
+    }
+    unsupported [health_check_config, hostname, additional_addresses]
+}

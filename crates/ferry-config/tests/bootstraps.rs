@@ -1,0 +1,259 @@
+//! The reference Envoy bootstraps (`tests/envoy-bootstraps/*.yaml.in`), placeholders
+//! substituted: the terminate one loads to the expected model; the others either load or
+//! fail only with "not supported by Ferry" errors at known paths.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use ferry_config::*;
+
+fn expected_terminate_h3() -> Bootstrap {
+    Bootstrap {
+        admin: Some(Admin {
+            address: SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT)),
+        }),
+        listeners: vec![Listener {
+            name: "h3_listener".into(),
+            address: SocketAddr::from(([127, 0, 0, 1], PROXY_PORT)),
+            protocol: SocketProtocol::Udp,
+            quic: Some(QuicOptions {}),
+            filter_chain: FilterChain {
+                tls: Some(ServerTls {
+                    certificates: vec![CertificateKeyPair {
+                        certificate_chain_pem: DUMMY_CERT.into(),
+                        private_key_pem: DUMMY_KEY.into(),
+                    }],
+                }),
+                hcm: HttpConnectionManager {
+                    codec_type: CodecType::Http3,
+                    stat_prefix: "ingress_http".into(),
+                    route_config: RouteConfiguration {
+                        name: "local_route".into(),
+                        virtual_hosts: vec![VirtualHost {
+                            name: "local_service".into(),
+                            domains: vec!["*".into()],
+                            routes: vec![Route {
+                                name: None,
+                                matcher: RouteMatch::Connect,
+                                action: RouteAction {
+                                    cluster: "service_target".into(),
+                                    upgrade_configs: vec![RouteUpgradeConfig {
+                                        upgrade_type: "connect-udp".into(),
+                                        enabled: true,
+                                        connect_config: Some(ConnectConfig {}),
+                                    }],
+                                },
+                            }],
+                        }],
+                    },
+                    upgrade_configs: vec![],
+                    allow_extended_connect: true,
+                    stream_idle_timeout: Some(Duration::from_secs(300)),
+                    http_filters: vec!["envoy.filters.http.router".into()],
+                },
+            },
+        }],
+        clusters: vec![Cluster {
+            name: "service_target".into(),
+            discovery: DiscoveryType::LogicalDns,
+            dns_lookup_family: DnsLookupFamily::V4Only,
+            dns_refresh_rate: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            endpoints: vec![Endpoint {
+                address: "localhost".into(),
+                port: ECHO_PORT,
+            }],
+        }],
+    }
+}
+
+#[test]
+fn terminate_h3_loads_the_expected_model() {
+    let bootstrap = load_yaml(&terminate_h3()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(bootstrap, expected_terminate_h3());
+    // The same, field by field, for a readable failure where it matters most.
+    let hcm = &bootstrap.listeners[0].filter_chain.hcm;
+    assert_eq!(hcm.codec_type, CodecType::Http3);
+    assert!(hcm.allow_extended_connect);
+    let route = &hcm.route_config.virtual_hosts[0].routes[0];
+    assert_eq!(route.matcher, RouteMatch::Connect);
+    assert_eq!(route.action.upgrade_configs[0].upgrade_type, "connect-udp");
+    assert!(route.action.upgrade_configs[0].connect_config.is_some());
+}
+
+#[test]
+fn terminate_h3_via_load_file_yaml_yml_and_json() {
+    let yaml = terminate_h3();
+    let dir = temp_dir();
+    for name in ["bootstrap.yaml", "bootstrap.yml", "bootstrap.conf"] {
+        let path = dir.join(name);
+        std::fs::write(&path, &yaml).unwrap();
+        assert_eq!(load_file(&path), Ok(expected_terminate_h3()), "{name}");
+    }
+    // JSON: the same document converted, loaded both from text and from a .json file.
+    let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(&yaml).unwrap();
+    let json = serde_json::to_string_pretty(&value).unwrap();
+    assert_eq!(load_str(&json, Format::Json), Ok(expected_terminate_h3()));
+    let path = dir.join("bootstrap.JSON");
+    std::fs::write(&path, &json).unwrap();
+    assert_eq!(Format::from_path(&path), Format::Json);
+    assert_eq!(load_file(&path), Ok(expected_terminate_h3()));
+}
+
+/// Asserts `errs` are exactly at `paths`, each a "not supported by Ferry" error.
+fn assert_only_not_supported(errs: &ConfigErrors, paths: &[&str]) {
+    let got: BTreeSet<&str> = errs.paths().into_iter().collect();
+    let want: BTreeSet<&str> = paths.iter().copied().collect();
+    assert_eq!(got, want, "errors:\n{errs}");
+    for e in &errs.0 {
+        assert!(
+            e.message.contains("not supported by Ferry"),
+            "not a not-supported error: {e}"
+        );
+    }
+}
+
+#[test]
+fn forward_h3_fails_only_on_unsupported_upstream_options() {
+    let (text, _, _) = bootstrap("forward-h3.yaml.in");
+    let errs = load_yaml(&text).unwrap_err();
+    assert_only_not_supported(
+        &errs,
+        &[
+            "static_resources.clusters[0].typed_extension_protocol_options",
+            "static_resources.clusters[0].transport_socket",
+        ],
+    );
+    assert_eq!(
+        error_at(&errs, "static_resources.clusters[0].transport_socket").message,
+        NOT_SUPPORTED
+    );
+}
+
+#[test]
+fn forward_h3_without_upstream_options_loads_as_forward() {
+    let (text, _, _) = bootstrap("forward-h3.yaml.in");
+    let cut = text.find("    typed_extension_protocol_options:").unwrap();
+    let bootstrap = load_yaml(&text[..cut]).unwrap_or_else(|e| panic!("{e}"));
+    let route = &bootstrap.listeners[0]
+        .filter_chain
+        .hcm
+        .route_config
+        .virtual_hosts[0]
+        .routes[0];
+    assert_eq!(route.action.cluster, "next_hop");
+    assert_eq!(
+        route.action.upgrade_configs,
+        vec![RouteUpgradeConfig {
+            upgrade_type: "connect-udp".into(),
+            enabled: true,
+            connect_config: None
+        }]
+    );
+    assert_eq!(bootstrap.clusters[0].discovery, DiscoveryType::Static);
+    assert_eq!(
+        bootstrap.clusters[0].endpoints,
+        vec![Endpoint {
+            address: "127.0.0.1".into(),
+            port: NEXT_HOP_PORT
+        }]
+    );
+}
+
+#[test]
+fn dynamic_targets_h3_fails_only_on_the_dynamic_forward_proxy() {
+    let (text, _, _) = bootstrap("dynamic-targets-h3.yaml.in");
+    let errs = load_yaml(&text).unwrap_err();
+    let filter = format!("{HCM}.http_filters[0].typed_config.@type");
+    assert_only_not_supported(
+        &errs,
+        &[
+            &filter,
+            "static_resources.clusters[0].lb_policy",
+            "static_resources.clusters[0].cluster_type",
+        ],
+    );
+    assert!(
+        error_at(&errs, &filter)
+            .message
+            .contains("envoy.filters.http.dynamic_forward_proxy"),
+        "{errs}"
+    );
+    assert!(error_at(&errs, "static_resources.clusters[0].lb_policy")
+        .message
+        .contains("CLUSTER_PROVIDED"));
+}
+
+#[test]
+fn terminate_tcp_h2_h1_fails_only_on_alpn_and_http2_options() {
+    let (text, _, _) = bootstrap("terminate-tcp-h2-h1.yaml.in");
+    let errs = load_yaml(&text).unwrap_err();
+    assert_only_not_supported(
+        &errs,
+        &[
+            "static_resources.listeners[0].filter_chains[0].transport_socket.typed_config.common_tls_context.alpn_protocols",
+            &format!("{HCM}.http2_protocol_options"),
+        ],
+    );
+}
+
+#[test]
+fn terminate_tcp_without_unsupported_options_builds_a_tcp_listener() {
+    let (text, _, _) = bootstrap("terminate-tcp-h2-h1.yaml.in");
+    let text = edit(
+        &text,
+        "            alpn_protocols: [\"h2\", \"http/1.1\"]\n",
+        "",
+    );
+    let text = edit(
+        &text,
+        "          http2_protocol_options:\n            allow_connect: true\n",
+        "",
+    );
+    let bootstrap = load_yaml(&text).unwrap_or_else(|e| panic!("{e}"));
+    let listener = &bootstrap.listeners[0];
+    assert_eq!(listener.protocol, SocketProtocol::Tcp);
+    assert_eq!(listener.quic, None);
+    assert_eq!(listener.filter_chain.hcm.codec_type, CodecType::Auto);
+    assert_eq!(
+        listener
+            .filter_chain
+            .tls
+            .as_ref()
+            .map(|t| t.certificates.len()),
+        Some(1)
+    );
+    assert_eq!(
+        listener.filter_chain.hcm.upgrade_configs,
+        vec![HcmUpgradeConfig {
+            upgrade_type: "connect-udp".into(),
+            enabled: true
+        }]
+    );
+    assert_eq!(listener.filter_chain.hcm.stat_prefix, "ingress_tcp");
+}
+
+#[test]
+fn every_reference_bootstrap_is_covered() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/envoy-bootstraps");
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".yaml.in"))
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "dynamic-targets-h3.yaml.in",
+            "forward-h3.yaml.in",
+            "terminate-h3.yaml.in",
+            "terminate-tcp-h2-h1.yaml.in"
+        ]
+    );
+}

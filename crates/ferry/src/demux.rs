@@ -1,0 +1,134 @@
+//! One reader of QUIC DATAGRAM frames per connection, routing each to its tunnel by
+//! quarter stream id.
+//!
+//! The routing table is owned by the reader task: tunnels register and unregister through
+//! a channel, so the per-datagram path takes no lock and makes no allocation.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use ferry_proto::datagram;
+use tokio::sync::mpsc;
+
+use crate::stats::{ConnectUdpStats, DropReason};
+
+/// Where the datagrams of one tunnel go.
+pub trait DatagramSink: Send + Sync {
+    /// Deliver one UDP payload (context id 0 already removed). `Err` names why it was
+    /// dropped; the caller counts it.
+    fn deliver(&self, payload: Bytes) -> Result<(), DropReason>;
+}
+
+pub enum Registration {
+    Add {
+        stream_id: u64,
+        sink: Arc<dyn DatagramSink>,
+    },
+    Remove {
+        stream_id: u64,
+    },
+}
+
+/// The sending side tunnels use to (un)register.
+#[derive(Clone)]
+pub struct Registry(mpsc::UnboundedSender<Registration>);
+
+impl Registry {
+    pub fn add(&self, stream_id: u64, sink: Arc<dyn DatagramSink>) {
+        // The reader is gone only when the connection is gone; nothing to deliver then.
+        let _ = self.0.send(Registration::Add { stream_id, sink });
+    }
+
+    pub fn remove(&self, stream_id: u64) {
+        let _ = self.0.send(Registration::Remove { stream_id });
+    }
+}
+
+/// Unregisters a tunnel when dropped, whatever way its task ends.
+pub struct RegistrationGuard {
+    registry: Registry,
+    stream_id: u64,
+}
+
+impl RegistrationGuard {
+    pub fn new(registry: &Registry, stream_id: u64, sink: Arc<dyn DatagramSink>) -> Self {
+        registry.add(stream_id, sink);
+        RegistrationGuard {
+            registry: registry.clone(),
+            stream_id,
+        }
+    }
+}
+
+impl Drop for RegistrationGuard {
+    fn drop(&mut self) {
+        self.registry.remove(self.stream_id);
+    }
+}
+
+/// Start the reader for `conn`. It ends when the connection closes.
+pub fn spawn(conn: quinn::Connection, stats: ConnectUdpStats) -> Registry {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(run(conn, rx, stats));
+    Registry(tx)
+}
+
+async fn run(
+    conn: quinn::Connection,
+    mut registrations: mpsc::UnboundedReceiver<Registration>,
+    stats: ConnectUdpStats,
+) {
+    // Keyed by quarter stream id, as it arrives on the wire.
+    let mut tunnels: HashMap<u64, Arc<dyn DatagramSink>> = HashMap::new();
+    loop {
+        tokio::select! {
+            // Registrations first, so a tunnel registered before its 200 was sent never
+            // loses a datagram that raced the registration.
+            biased;
+            reg = registrations.recv() => match reg {
+                Some(Registration::Add { stream_id, sink }) => {
+                    tunnels.insert(stream_id / 4, sink);
+                }
+                Some(Registration::Remove { stream_id }) => {
+                    tunnels.remove(&(stream_id / 4));
+                }
+                None => return,
+            },
+            dg = conn.read_datagram() => match dg {
+                Ok(dg) => route(&tunnels, dg, &stats),
+                Err(_) => return,
+            },
+        }
+    }
+}
+
+#[inline]
+fn route(tunnels: &HashMap<u64, Arc<dyn DatagramSink>>, dg: Bytes, stats: &ConnectUdpStats) {
+    //= https://www.rfc-editor.org/rfc/rfc9297#section-2.1
+    //# HTTP/3 Datagram {
+    //#   Quarter Stream ID (i),
+    //#   HTTP Datagram Payload (..),
+    //# }
+    let (qsid, header_len) = match datagram::decode_h3(&dg) {
+        Ok((qsid, payload)) => (qsid, dg.len() - payload.len()),
+        Err(_) => return stats.drop(DropReason::Malformed),
+    };
+    let Some(sink) = tunnels.get(&qsid) else {
+        return stats.drop(DropReason::NoSuchStream);
+    };
+    //= https://www.rfc-editor.org/rfc/rfc9298#section-4
+    //# If an HTTP/3 Datagram is received with an unknown Context ID, the
+    //# receiver SHOULD drop it (or buffer it briefly).
+    match datagram::split_context_id(dg.slice(header_len..)) {
+        Ok((datagram::CONTEXT_ID_UDP, payload)) => {
+            let len = payload.len();
+            match sink.deliver(payload) {
+                Ok(()) => stats.rx.record(crate::stats::Encoding::QuicDatagram, len),
+                Err(reason) => stats.drop(reason),
+            }
+        }
+        Ok(_) => stats.drop(DropReason::UnknownContextId),
+        Err(_) => stats.drop(DropReason::Malformed),
+    }
+}

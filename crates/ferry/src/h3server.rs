@@ -1,0 +1,331 @@
+//! The HTTP/3 listener: QUIC connections, request streams, and CONNECT-UDP termination.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use bytes::{Buf, Bytes};
+use ferry_config::{HttpConnectionManager, Listener};
+use ferry_proto::request::{Rejection, RequestHead};
+use futures_util::FutureExt;
+use h3::ext::Protocol;
+use h3::server::RequestStream;
+use http::{Response, StatusCode};
+use tokio::task::JoinSet;
+
+use crate::cluster::{ClusterManager, PickError};
+use crate::decide::{self, Plan};
+use crate::demux::{self, RegistrationGuard, Registry};
+use crate::shutdown::{Shutdown, Waiter};
+use crate::stats::{GaugeGuard, HttpStats};
+use crate::tunnel::{self, H3Downstream, TunnelShared};
+
+/// What every connection of a listener reads: the current config snapshot, clusters, stats.
+pub struct ListenerCtx {
+    pub name: String,
+    /// The listener's HTTP connection manager, swappable at run time.
+    pub hcm: ArcSwap<HttpConnectionManager>,
+    pub clusters: Arc<ArcSwap<ClusterManager>>,
+    pub stats: HttpStats,
+    pub shutdown: Shutdown,
+}
+
+pub struct H3Listener {
+    endpoint: quinn::Endpoint,
+    pub local_addr: SocketAddr,
+    ctx: Arc<ListenerCtx>,
+}
+
+type QuicBidi = h3_quinn::BidiStream<Bytes>;
+type H3Stream = RequestStream<QuicBidi, Bytes>;
+
+impl H3Listener {
+    /// Bind the listener's socket. Nothing is served until [`H3Listener::serve`].
+    pub fn bind(listener: &Listener, ctx: Arc<ListenerCtx>) -> Result<Self, String> {
+        let tls =
+            listener.filter_chain.tls.as_ref().ok_or_else(|| {
+                format!("listener {}: HTTP/3 needs a TLS certificate", listener.name)
+            })?;
+        let tls = crate::tls::server_config(tls, &[b"h3"])
+            .map_err(|e| format!("listener {}: {e}", listener.name))?;
+        let endpoint = crate::quic::server_endpoint(listener.address, tls)
+            .map_err(|e| format!("listener {}: {e}", listener.name))?;
+        let local_addr = endpoint
+            .local_addr()
+            .map_err(|e| format!("listener {}: {e}", listener.name))?;
+        Ok(H3Listener {
+            endpoint,
+            local_addr,
+            ctx,
+        })
+    }
+
+    /// Accept connections until shutdown, then close the endpoint.
+    pub async fn serve(self, mut shutdown: Waiter) {
+        let mut conns = JoinSet::new();
+        loop {
+            tokio::select! {
+                incoming = self.endpoint.accept() => match incoming {
+                    Some(incoming) => {
+                        let ctx = self.ctx.clone();
+                        conns.spawn(async move { handle_connection(incoming, ctx).await });
+                    }
+                    None => break,
+                },
+                Some(res) = conns.join_next(), if !conns.is_empty() => {
+                    if let Err(e) = res {
+                        if e.is_panic() {
+                            tracing::error!(listener = %self.ctx.name, "connection task panicked: {e}");
+                        }
+                    }
+                }
+                _ = shutdown.wait() => break,
+            }
+        }
+        self.endpoint
+            .close(quinn::VarInt::from_u32(0x100), b"shutting down");
+        conns.shutdown().await;
+    }
+}
+
+async fn handle_connection(incoming: quinn::Incoming, ctx: Arc<ListenerCtx>) {
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!("QUIC handshake failed: {e}");
+            return;
+        }
+    };
+    let stats = &ctx.stats;
+    stats.downstream_cx_total.inc();
+    let _active = GaugeGuard::new(&stats.downstream_cx_active);
+    let allow_extended_connect = ctx.hcm.load().allow_extended_connect;
+    let h3_conn = h3::server::builder()
+        //= https://www.rfc-editor.org/rfc/rfc9220#section-3
+        //# SETTINGS_ENABLE_CONNECT_PROTOCOL ... Ferry sends it only when
+        //# http3_protocol_options.allow_extended_connect is true, as Envoy does.
+        .enable_extended_connect(allow_extended_connect)
+        //= https://www.rfc-editor.org/rfc/rfc9297#section-2.1.1
+        //# Endpoints indicate that HTTP Datagrams are supported by sending the
+        //# SETTINGS_H3_DATAGRAM setting with a value of 1.
+        .enable_datagram(true)
+        .build::<_, Bytes>(h3_quinn::Connection::new(conn.clone()))
+        .await;
+    let mut h3_conn = match h3_conn {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!("HTTP/3 connection setup failed: {e}");
+            return;
+        }
+    };
+    let registry = demux::spawn(conn.clone(), stats.connect_udp.clone());
+    let mut requests = JoinSet::new();
+    let shutdown = ctx.shutdown.subscribe();
+    loop {
+        tokio::select! {
+            accepted = h3_conn.accept() => match accepted {
+                Ok(Some(resolver)) => {
+                    let ctx = ctx.clone();
+                    let conn = conn.clone();
+                    let registry = registry.clone();
+                    let shutdown = shutdown.clone();
+                    requests.spawn(async move {
+                        match resolver.resolve_request().await {
+                            Ok((req, stream)) => {
+                                handle_request(req, stream, &ctx, conn, registry, shutdown).await
+                            }
+                            Err(e) => tracing::debug!("bad request: {e}"),
+                        }
+                    });
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!("HTTP/3 connection ended: {e}");
+                    break;
+                }
+            },
+            Some(res) = requests.join_next(), if !requests.is_empty() => {
+                if let Err(e) = res {
+                    if e.is_panic() {
+                        tracing::error!("request task panicked: {e}");
+                    }
+                }
+            }
+        }
+    }
+    // Let running tunnels finish; the connection is kept while they run.
+    while requests.join_next().await.is_some() {}
+}
+
+fn header_str<'a>(req: &'a http::Request<()>, name: &str) -> Option<&'a str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn handle_request(
+    req: http::Request<()>,
+    stream: H3Stream,
+    ctx: &ListenerCtx,
+    conn: quinn::Connection,
+    registry: Registry,
+    shutdown: Waiter,
+) {
+    let hcm = ctx.hcm.load_full();
+    let protocol = req.extensions().get::<Protocol>();
+    let head = RequestHead {
+        method: req.method().as_str(),
+        protocol: protocol.map(|p| p.as_str()),
+        path: req.uri().path_and_query().map(|p| p.as_str()),
+        authority: req
+            .uri()
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| header_str(&req, "host")),
+        scheme: req.uri().scheme_str(),
+        capsule_protocol: header_str(&req, "capsule-protocol"),
+    };
+    let is_connect_udp = ferry_proto::request::is_connect_udp(&head);
+    let plan = decide::decide(&hcm, &head);
+    tracing::debug!(method = head.method, path = ?head.path, authority = ?head.authority, ?plan, "request");
+    let result = match plan {
+        Ok(Plan::Terminate { cluster, target: _ }) => {
+            terminate(stream, &hcm, ctx, &cluster, conn, registry, shutdown).await
+        }
+        Err(rejection) => Err((stream, rejection)),
+    };
+    if let Err((mut stream, rejection)) = result {
+        if is_connect_udp {
+            ctx.stats.connect_udp.rejected(rejection.status);
+        }
+        respond_error(&mut stream, &rejection, &ctx.stats).await;
+    }
+}
+
+/// Send an error response with its `proxy-status` and end the stream.
+async fn respond_error(stream: &mut H3Stream, rejection: &Rejection, stats: &HttpStats) {
+    stats.response(rejection.status);
+    let status = StatusCode::from_u16(rejection.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut resp = Response::new(());
+    *resp.status_mut() = status;
+    if let Ok(v) = http::HeaderValue::from_str(&rejection.proxy_status()) {
+        resp.headers_mut().insert("proxy-status", v);
+    }
+    if stream.send_response(resp).await.is_ok() {
+        let _ = stream.finish().await;
+    }
+    // No stop_sending here: h3-quinn 0.0.10 panics in stop_sending while a read is in
+    // flight. Dropping the stream makes quinn send STOP_SENDING for what is left unread.
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn terminate(
+    mut stream: H3Stream,
+    hcm: &HttpConnectionManager,
+    ctx: &ListenerCtx,
+    cluster: &str,
+    conn: quinn::Connection,
+    registry: Registry,
+    shutdown: Waiter,
+) -> Result<(), (H3Stream, Rejection)> {
+    // Envoy answers 400 to a CONNECT-UDP request that ends with its headers (END_STREAM):
+    // there is no stream left to carry the tunnel. Whatever body bytes already arrived are
+    // kept for the relay.
+    let mut initial = None;
+    match stream.recv_data().now_or_never() {
+        Some(Ok(None)) => {
+            return Err((
+                stream,
+                decide::reject(
+                    400,
+                    Some("http_request_error"),
+                    "CONNECT-UDP request ended with its headers",
+                ),
+            ))
+        }
+        Some(Ok(Some(mut data))) => initial = Some(data.copy_to_bytes(data.remaining())),
+        Some(Err(_)) => return Ok(()),
+        None => {}
+    }
+
+    let clusters = ctx.clusters.load();
+    let picked = match clusters.get(cluster) {
+        Some(c) => c.pick(),
+        None => Err(PickError::NoSuchCluster),
+    };
+    let addr = match picked {
+        Ok(a) => a,
+        Err(PickError::Dns(e)) => {
+            return Err((
+                stream,
+                decide::reject(503, Some("dns_error"), format!("cluster {cluster}: {e}")),
+            ))
+        }
+        Err(e) => {
+            return Err((
+                stream,
+                decide::reject(
+                    503,
+                    Some("destination_unavailable"),
+                    format!("cluster {cluster}: no healthy upstream ({e:?})"),
+                ),
+            ))
+        }
+    };
+    let udp = match tunnel::connect_udp(addr) {
+        Ok(u) => u,
+        Err(e) => {
+            return Err((
+                stream,
+                decide::reject(
+                    503,
+                    Some("destination_unavailable"),
+                    format!("cannot open UDP socket to {addr}: {e}"),
+                ),
+            ))
+        }
+    };
+    let stats = &ctx.stats.connect_udp;
+    let shared = Arc::new(TunnelShared {
+        udp,
+        active: Default::default(),
+        failed: Default::default(),
+        stats: stats.clone(),
+    });
+    let stream_id = stream.send_id().into_inner();
+    // Registered before the 200 goes out, so no datagram sent right after it is lost.
+    let _registration = RegistrationGuard::new(&registry, stream_id, shared.clone());
+
+    //= https://www.rfc-editor.org/rfc/rfc9298#section-3.5
+    //# the UDP proxy ... MUST respond with a 2xx (Successful) status code ... and
+    //# ... include the Capsule-Protocol header field.
+    let mut resp = Response::new(());
+    resp.headers_mut()
+        .insert("capsule-protocol", http::HeaderValue::from_static("?1"));
+    if stream.send_response(resp).await.is_err() {
+        return Ok(());
+    }
+    ctx.stats.response(200);
+    stats.tunnels_total.inc();
+    ctx.stats.downstream_cx_upgrades_total.inc();
+    let _tunnel_active = GaugeGuard::new(&stats.tunnels_active);
+    let _upgrade_active = GaugeGuard::new(&ctx.stats.downstream_cx_upgrades_active);
+    tracing::debug!(stream_id, %addr, "tunnel open");
+
+    let (send, recv) = stream.split();
+    let mut down = H3Downstream {
+        send,
+        recv,
+        conn,
+        stream_id,
+    };
+    let end = tunnel::relay_h3(
+        &mut down,
+        &shared,
+        initial,
+        hcm.stream_idle_timeout,
+        shutdown,
+    )
+    .await;
+    tracing::debug!(stream_id, ?end, "tunnel closed");
+    tunnel::close_h3(&mut down, end, stats).await;
+    Ok(())
+}

@@ -1,0 +1,25 @@
+//! Ferry: a CONNECT-UDP (RFC 9298) proxy configured with Envoy v3 bootstraps.
+//!
+//! Layout: `ferry-proto` holds the protocol core (no I/O, no clock); `ferry-config` turns a
+//! bootstrap into a validated model; this crate is the tokio runtime: listeners, routing,
+//! tunnels, clusters, stats and the admin endpoint.
+
+pub mod admin;
+pub mod cli;
+pub mod client;
+pub mod cluster;
+pub mod decide;
+pub mod demux;
+pub mod h3server;
+pub mod quic;
+pub mod router;
+pub mod server;
+pub mod shutdown;
+pub mod stats;
+pub mod tls;
+pub mod tunnel;
+
+/// Ferry's version string.
+pub fn version() -> &'static str {
+    env!("CARGO_PKG_VERSION")
+}

@@ -1,0 +1,74 @@
+//! QUIC endpoints: sockets with large buffers and the transport settings Ferry uses.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Socket buffers asked for on QUIC sockets (the kernel caps them at rmem_max/wmem_max).
+/// The default (about 208 KiB) overflows in bursts at tunnel rates.
+const SOCKET_BUFFER: usize = 4 << 20;
+
+/// Bind a UDP socket for a QUIC endpoint.
+pub fn bind_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    if addr.is_ipv6() {
+        let _ = socket.set_only_v6(false);
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// Transport settings for both sides: QUIC DATAGRAM support (this advertises the
+/// `max_datagram_frame_size` transport parameter), buffers, and Envoy's 300 s QUIC idle
+/// timeout.
+pub fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(300)) {
+        t.max_idle_timeout(Some(idle));
+    }
+    t.datagram_receive_buffer_size(Some(SOCKET_BUFFER));
+    t.datagram_send_buffer_size(SOCKET_BUFFER);
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(100));
+    t
+}
+
+pub fn server_endpoint(
+    addr: SocketAddr,
+    tls: rustls::ServerConfig,
+) -> Result<quinn::Endpoint, String> {
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| format!("TLS config unusable for QUIC: {e}"))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(Arc::new(transport_config()));
+    let socket = bind_socket(addr).map_err(|e| format!("cannot bind {addr}: {e}"))?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|e| format!("cannot start QUIC endpoint on {addr}: {e}"))
+}
+
+pub fn client_endpoint(
+    bind: SocketAddr,
+    tls: rustls::ClientConfig,
+) -> Result<quinn::Endpoint, String> {
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| format!("TLS config unusable for QUIC: {e}"))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    client.transport_config(Arc::new(transport_config()));
+    let socket = bind_socket(bind).map_err(|e| format!("cannot bind {bind}: {e}"))?;
+    let mut endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|e| format!("cannot start QUIC endpoint: {e}"))?;
+    endpoint.set_default_client_config(client);
+    Ok(endpoint)
+}

@@ -1,0 +1,353 @@
+//! Terminating a CONNECT-UDP tunnel: relaying between the request stream (DATAGRAM capsules),
+//! QUIC DATAGRAM frames and one connected UDP socket to the target.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use ferry_proto::capsule::{Capsule, CapsuleDecoder, CapsuleError};
+use ferry_proto::datagram::{self, MAX_UDP_PAYLOAD};
+use h3::error::Code;
+use tokio::net::UdpSocket;
+use tokio::sync::Notify;
+
+use crate::demux::DatagramSink;
+use crate::stats::{ConnectUdpStats, DropReason, Encoding, ResetReason};
+
+/// Socket buffer size asked for on target-side sockets (the kernel caps it at rmem_max).
+const SOCKET_BUFFER: usize = 4 << 20;
+
+/// The largest DATAGRAM capsule Ferry accepts: a context id (up to 8 bytes) and the largest
+/// UDP payload. Anything declared larger is refused as soon as its header is seen.
+pub const MAX_CAPSULE_LEN: u64 = (MAX_UDP_PAYLOAD + 8) as u64;
+
+/// Room kept in front of each payload read from the target for the largest header:
+/// a DATAGRAM capsule header (type, length, context id) or an HTTP/3 datagram header
+/// (quarter stream id, context id).
+const HEADROOM: usize = 16;
+
+/// Open a UDP socket connected to `target`, with large buffers.
+pub fn connect_udp(target: SocketAddr) -> io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let domain = if target.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+    // Best effort: a smaller buffer still works, it just overflows sooner in bursts.
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    socket.set_nonblocking(true)?;
+    let local: SocketAddr = if target.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    socket.bind(&local.into())?;
+    //= https://www.rfc-editor.org/rfc/rfc9298#section-3.1
+    //# When using a connected UDP socket, the UDP proxy MUST validate the
+    //# IP source address and UDP source port on received packets ...
+    // A connected socket makes the kernel do that check for us.
+    socket.connect(&target.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
+/// What the demux task and the tunnel task share.
+pub struct TunnelShared {
+    pub udp: UdpSocket,
+    /// Set on every datagram either way; the idle timer clears it.
+    pub active: AtomicBool,
+    /// Woken when the target socket reports an error to the demux task.
+    pub failed: Notify,
+    pub stats: ConnectUdpStats,
+}
+
+impl DatagramSink for TunnelShared {
+    #[inline]
+    fn deliver(&self, payload: Bytes) -> Result<(), DropReason> {
+        self.active.store(true, Ordering::Relaxed);
+        match self.udp.try_send(&payload) {
+            Ok(_) => {
+                self.stats.upstream_datagrams_tx.inc();
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(DropReason::BufferFull),
+            Err(_) => {
+                //= https://www.rfc-editor.org/rfc/rfc9298#section-3.1
+                //# If the UDP proxy is notified by its operating system that its socket is no
+                //# longer usable, it MUST close the request stream.
+                self.failed.notify_one();
+                Err(DropReason::SocketError)
+            }
+        }
+    }
+}
+
+/// How a tunnel ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The client finished its side of the stream.
+    ClientFinished,
+    /// The client reset the stream or the connection went away.
+    ClientGone,
+    /// Ferry resets the stream for this reason.
+    Reset(ResetReason),
+    /// The server is shutting down.
+    Shutdown,
+}
+
+/// The downstream side of a tunnel over HTTP/3.
+pub struct H3Downstream<S, R> {
+    pub send: h3::server::RequestStream<S, Bytes>,
+    pub recv: h3::server::RequestStream<R, Bytes>,
+    pub conn: quinn::Connection,
+    pub stream_id: u64,
+}
+
+/// Relay until one side ends. `initial` holds request body bytes already read.
+pub async fn relay_h3<S, R>(
+    down: &mut H3Downstream<S, R>,
+    shared: &TunnelShared,
+    initial: Option<Bytes>,
+    idle_timeout: Option<Duration>,
+    mut shutdown: crate::shutdown::Waiter,
+) -> End
+where
+    S: h3::quic::SendStream<Bytes>,
+    R: h3::quic::RecvStream,
+{
+    let H3Downstream {
+        send,
+        recv,
+        conn,
+        stream_id,
+    } = down;
+    let to_target = client_to_target(recv, shared, initial);
+    let to_client = target_to_client(send, conn, *stream_id, shared);
+    tokio::select! {
+        end = to_target => end,
+        end = to_client => end,
+        end = idle(shared, idle_timeout) => end,
+        _ = shared.failed.notified() => End::Reset(ResetReason::SocketError),
+        _ = shutdown.wait() => End::Shutdown,
+    }
+}
+
+/// Close the downstream stream the way `end` says.
+pub async fn close_h3<S, R>(down: &mut H3Downstream<S, R>, end: End, stats: &ConnectUdpStats)
+where
+    S: h3::quic::SendStream<Bytes>,
+    R: h3::quic::RecvStream,
+{
+    match end {
+        End::ClientFinished | End::Shutdown => {
+            let _ = down.send.finish().await;
+        }
+        End::ClientGone => {}
+        End::Reset(reason) => {
+            stats.reset(reason);
+            let code = match reason {
+                //= https://www.rfc-editor.org/rfc/rfc9297#section-3.3
+                //# Receipt of a malformed capsule ... MUST be treated as a malformed HTTP message
+                ResetReason::MalformedCapsule | ResetReason::CapsuleTooLarge => {
+                    Code::H3_MESSAGE_ERROR
+                }
+                ResetReason::SocketError => Code::H3_CONNECT_ERROR,
+                ResetReason::IdleTimeout => Code::H3_NO_ERROR,
+            };
+            down.send.stop_stream(code);
+            // The receive half is not stopped explicitly: h3-quinn 0.0.10 panics in
+            // stop_sending while a read is in flight. Dropping it makes quinn send
+            // STOP_SENDING.
+        }
+    }
+}
+
+async fn idle(shared: &TunnelShared, timeout: Option<Duration>) -> End {
+    let Some(timeout) = timeout else {
+        return std::future::pending().await;
+    };
+    // Four checks per period: the tunnel closes between 1 and 1.25 timeouts after its last
+    // datagram, without reading the clock on the datagram path.
+    let tick = (timeout / 4).max(Duration::from_millis(1));
+    let mut idle_ticks = 0u32;
+    let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
+    loop {
+        interval.tick().await;
+        if shared.active.swap(false, Ordering::Relaxed) {
+            idle_ticks = 0;
+        } else {
+            idle_ticks += 1;
+            if idle_ticks >= 4 {
+                return End::Reset(ResetReason::IdleTimeout);
+            }
+        }
+    }
+}
+
+/// Client to target over the request stream: DATAGRAM capsules become UDP payloads.
+async fn client_to_target<R>(
+    recv: &mut h3::server::RequestStream<R, Bytes>,
+    shared: &TunnelShared,
+    initial: Option<Bytes>,
+) -> End
+where
+    R: h3::quic::RecvStream,
+{
+    let stats = &shared.stats;
+    let mut decoder = CapsuleDecoder::new(MAX_CAPSULE_LEN);
+    if let Some(b) = initial {
+        decoder.push(b);
+    }
+    loop {
+        loop {
+            match decoder.next() {
+                Ok(Some(Capsule::Datagram(payload))) => {
+                    if let Err(end) = capsule_to_target(payload, shared).await {
+                        return end;
+                    }
+                }
+                Ok(Some(Capsule::Unknown { .. })) => {
+                    //= https://www.rfc-editor.org/rfc/rfc9297#section-3.2
+                    //# Receivers MUST silently drop unknown Capsule types.
+                    // Silently for the peer; Ferry still counts it.
+                    stats.drop(DropReason::UnknownCapsule);
+                }
+                Ok(None) => break,
+                Err(CapsuleError::TooLarge { .. }) => {
+                    return End::Reset(ResetReason::CapsuleTooLarge);
+                }
+                Err(_) => return End::Reset(ResetReason::MalformedCapsule),
+            }
+        }
+        match recv.recv_data().await {
+            Ok(Some(mut data)) => {
+                let bytes = data.copy_to_bytes(data.remaining());
+                decoder.push(bytes);
+            }
+            Ok(None) => {
+                //= https://www.rfc-editor.org/rfc/rfc9297#section-3.3
+                //# If the receiver detects the end of the stream with an incomplete capsule,
+                //# it MUST treat it as malformed.
+                return match decoder.finish() {
+                    Ok(()) => End::ClientFinished,
+                    Err(_) => End::Reset(ResetReason::MalformedCapsule),
+                };
+            }
+            Err(_) => return End::ClientGone,
+        }
+    }
+}
+
+async fn capsule_to_target(payload: Bytes, shared: &TunnelShared) -> Result<(), End> {
+    let stats = &shared.stats;
+    let (context_id, udp_payload) = match datagram::split_context_id(payload) {
+        Ok(v) => v,
+        Err(_) => return Err(End::Reset(ResetReason::MalformedCapsule)),
+    };
+    if context_id != datagram::CONTEXT_ID_UDP {
+        stats.drop(DropReason::UnknownContextId);
+        return Ok(());
+    }
+    //= https://www.rfc-editor.org/rfc/rfc9298#section-5
+    //# Endpoints that receive a DATAGRAM capsule with a UDP Proxying Payload field that
+    //# is longer than 65527 MUST abort the corresponding stream.
+    if udp_payload.len() > MAX_UDP_PAYLOAD {
+        return Err(End::Reset(ResetReason::CapsuleTooLarge));
+    }
+    shared.active.store(true, Ordering::Relaxed);
+    stats.rx.record(Encoding::Capsule, udp_payload.len());
+    // The stream gives back-pressure, so wait for the socket rather than drop.
+    match shared.udp.send(&udp_payload).await {
+        Ok(_) => {
+            stats.upstream_datagrams_tx.inc();
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            stats.drop(DropReason::BufferFull);
+            Ok(())
+        }
+        Err(_) => {
+            stats.drop(DropReason::SocketError);
+            Err(End::Reset(ResetReason::SocketError))
+        }
+    }
+}
+
+/// Target to client: each UDP payload becomes an HTTP/3 datagram when the client negotiated
+/// them (and it fits), a DATAGRAM capsule on the stream when the client did not.
+async fn target_to_client<S>(
+    send: &mut h3::server::RequestStream<S, Bytes>,
+    conn: &quinn::Connection,
+    stream_id: u64,
+    shared: &TunnelShared,
+) -> End
+where
+    S: h3::quic::SendStream<Bytes>,
+{
+    use h3::ConnectionState;
+    let stats = &shared.stats;
+    let mut buf = BytesMut::new();
+    let h3_header_len = datagram::h3_header_len(stream_id);
+    loop {
+        // Wait first, allocate after: an idle tunnel holds no receive buffer.
+        if let Err(_e) = shared.udp.readable().await {
+            return End::Reset(ResetReason::SocketError);
+        }
+        buf.clear();
+        buf.reserve(HEADROOM + MAX_UDP_PAYLOAD + 1);
+        buf.put_bytes(0, HEADROOM);
+        match shared.udp.try_recv_buf(&mut buf) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(_) => {
+                //= https://www.rfc-editor.org/rfc/rfc9298#section-3.1
+                //# If the UDP proxy is notified by its operating system that its socket is no
+                //# longer usable, it MUST close the request stream.
+                return End::Reset(ResetReason::SocketError);
+            }
+        }
+        let len = buf.len() - HEADROOM;
+        stats.upstream_datagrams_rx.inc();
+        shared.active.store(true, Ordering::Relaxed);
+
+        //= https://www.rfc-editor.org/rfc/rfc9297#section-3.5
+        //# When sending HTTP Datagrams, endpoints ... MAY use QUIC DATAGRAM frames if the
+        //# peer has sent SETTINGS_H3_DATAGRAM with a value of 1.
+        let peer_datagrams = send.settings().enable_datagram();
+        if peer_datagrams {
+            if let Some(max) = conn.max_datagram_size() {
+                if h3_header_len + len > max {
+                    //= https://www.rfc-editor.org/rfc/rfc9298#section-6.1
+                    //# If the UDP proxy does not have enough room to fit the
+                    //# UDP payload in a QUIC DATAGRAM frame, the UDP proxy SHOULD drop
+                    //# the UDP payload.
+                    stats.drop(DropReason::TooLarge);
+                    continue;
+                }
+                let start = HEADROOM - h3_header_len;
+                let mut frame = buf.split();
+                datagram::write_h3_udp_header(stream_id, &mut frame[start..HEADROOM]);
+                frame.advance(start);
+                match conn.send_datagram_wait(frame.freeze()).await {
+                    Ok(()) => stats.tx.record(Encoding::QuicDatagram, len),
+                    Err(quinn::SendDatagramError::TooLarge) => stats.drop(DropReason::TooLarge),
+                    Err(_) => return End::ClientGone,
+                }
+                continue;
+            }
+        }
+        let hlen = datagram::capsule_header_len(len);
+        let start = HEADROOM - hlen;
+        let mut capsule = buf.split();
+        datagram::write_capsule_udp_header(len, &mut capsule[start..HEADROOM]);
+        capsule.advance(start);
+        if send.send_data(capsule.freeze()).await.is_err() {
+            return End::ClientGone;
+        }
+        stats.tx.record(Encoding::Capsule, len);
+    }
+}
