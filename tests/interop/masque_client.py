@@ -471,3 +471,34 @@ class MasqueClient:
         t = self.open_tunnel(target_host, target_port, **kwargs)
         await t.wait_status(timeout)
         return t
+
+
+async def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        description="Open one CONNECT-UDP tunnel over HTTP/3, send datagrams, print the replies.")
+    ap.add_argument("--proxy", default="127.0.0.1:4433", help="proxy HOST:PORT (UDP)")
+    ap.add_argument("--ca", default=DEFAULT_CAFILE, help="CA file to trust (default: examples/certs/cert.pem)")
+    ap.add_argument("--insecure", action="store_true", help="do not verify the proxy's certificate")
+    ap.add_argument("--target", default="localhost:9000", help="target_host:target_port for the path")
+    ap.add_argument("--capsules", action="store_true", help="capsule-only client (no SETTINGS_H3_DATAGRAM)")
+    ap.add_argument("--count", type=int, default=3)
+    ap.add_argument("message", nargs="?", default="hello through ferry")
+    args = ap.parse_args(argv)
+    host, _, port = args.proxy.rpartition(":")
+    thost, _, tport = args.target.rpartition(":")
+    async with MasqueClient.connect(host, int(port), h3_datagram=not args.capsules,
+                                    cafile=None if args.insecure else args.ca) as client:
+        tunnel = await client.tunnel(thost, tport)
+        print(f"status {tunnel.status} proxy-status={tunnel.header('proxy-status')!r}")
+        if tunnel.status != 200:
+            return 1
+        for i in range(args.count):
+            tunnel.send(f"{args.message} #{i}".encode())
+            print("reply:", (await tunnel.recv()).decode(errors="replace"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(asyncio.run(_main()))

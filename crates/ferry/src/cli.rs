@@ -122,6 +122,7 @@ async fn serve(bootstrap: ferry_config::Bootstrap, args: Args) -> ExitCode {
         shutdown.trigger();
     });
     server.run().await;
+    tracing::info!("ferry exited cleanly");
     ExitCode::SUCCESS
 }
 
@@ -145,5 +146,6 @@ fn init_logging(level: LogLevel) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }

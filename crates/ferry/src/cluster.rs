@@ -156,6 +156,11 @@ async fn resolve(
         .await
         .map_err(|e| e.to_string())?
         .collect();
+    filter_family(all, family)
+}
+
+/// Keep the addresses `family` allows, in Envoy's order of preference.
+fn filter_family(all: Vec<SocketAddr>, family: DnsLookupFamily) -> Result<Vec<SocketAddr>, String> {
     let v4 = all.iter().filter(|a| a.is_ipv4()).copied();
     let v6 = all.iter().filter(|a| a.is_ipv6()).copied();
     let out: Vec<SocketAddr> = match family {
@@ -235,5 +240,100 @@ impl ClusterManager {
         for c in self.clusters.values() {
             c.initialized().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use ferry_config::Endpoint;
+
+    fn addrs(list: &[&str]) -> Vec<SocketAddr> {
+        list.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn family_filtering() {
+        let both = addrs(&["127.0.0.1:1", "[::1]:1", "10.0.0.1:1"]);
+        let v4 = addrs(&["127.0.0.1:1", "10.0.0.1:1"]);
+        let v6 = addrs(&["[::1]:1"]);
+        assert_eq!(
+            filter_family(both.clone(), DnsLookupFamily::V4Only).unwrap(),
+            v4
+        );
+        assert_eq!(
+            filter_family(both.clone(), DnsLookupFamily::V6Only).unwrap(),
+            v6
+        );
+        assert_eq!(
+            filter_family(both.clone(), DnsLookupFamily::Auto).unwrap(),
+            v6
+        );
+        assert_eq!(
+            filter_family(v4.clone(), DnsLookupFamily::Auto).unwrap(),
+            v4
+        );
+        assert_eq!(
+            filter_family(both.clone(), DnsLookupFamily::V4Preferred).unwrap(),
+            v4
+        );
+        assert_eq!(
+            filter_family(v6.clone(), DnsLookupFamily::V4Preferred).unwrap(),
+            v6
+        );
+        assert_eq!(
+            filter_family(both.clone(), DnsLookupFamily::All).unwrap(),
+            both
+        );
+        assert!(filter_family(v4, DnsLookupFamily::V6Only).is_err());
+    }
+
+    fn cluster(discovery: DiscoveryType, endpoints: &[(&str, u16)]) -> Cluster {
+        Cluster {
+            name: "c".into(),
+            discovery,
+            dns_lookup_family: DnsLookupFamily::V4Only,
+            dns_refresh_rate: std::time::Duration::from_secs(5),
+            connect_timeout: std::time::Duration::from_secs(5),
+            endpoints: endpoints
+                .iter()
+                .map(|(a, p)| Endpoint {
+                    address: a.to_string(),
+                    port: *p,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn static_round_robin() {
+        let c = ClusterState::new(cluster(
+            DiscoveryType::Static,
+            &[("127.0.0.1", 1), ("127.0.0.2", 2)],
+        ));
+        let picks: Vec<_> = (0..4).map(|_| c.pick().unwrap().port()).collect();
+        assert_eq!(picks, vec![1, 2, 1, 2]);
+        let empty = ClusterState::new(cluster(DiscoveryType::Static, &[]));
+        assert_eq!(empty.pick(), Err(PickError::NoHealthyHost));
+    }
+
+    #[test]
+    fn dns_failure_is_reported_until_an_answer_arrives() {
+        let c = ClusterState::new(cluster(DiscoveryType::StrictDns, &[("x", 1)]));
+        c.hosts.store(Arc::new(Hosts {
+            addrs: vec![],
+            dns_error: Some("x: no address".into()),
+        }));
+        assert_eq!(c.pick(), Err(PickError::Dns("x: no address".into())));
+    }
+
+    /// IP literals in DNS clusters resolve without any lookup.
+    #[tokio::test]
+    async fn dns_cluster_with_ip_literal() {
+        let c = ClusterState::new(cluster(DiscoveryType::LogicalDns, &[("127.0.0.1", 7)]));
+        c.resolve_once().await;
+        c.initialized().await;
+        assert_eq!(c.pick().unwrap(), "127.0.0.1:7".parse().unwrap());
     }
 }

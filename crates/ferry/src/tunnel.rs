@@ -28,6 +28,15 @@ pub const MAX_CAPSULE_LEN: u64 = (MAX_UDP_PAYLOAD + 8) as u64;
 /// (quarter stream id, context id).
 const HEADROOM: usize = 16;
 
+/// What one receive needs free: headroom and the largest UDP payload.
+const RECV_NEED: usize = HEADROOM + MAX_UDP_PAYLOAD + 1;
+
+/// Receive buffers are carved out of blocks of this size: each datagram takes only its own
+/// length from the block (then travels on as a `Bytes` slice of it, uncopied), so one
+/// allocation serves many datagrams. (Asking `BytesMut::reserve` for 64 KiB after each split
+/// would allocate a fresh 64 KiB block per datagram.)
+const RECV_BLOCK: usize = 256 * 1024;
+
 /// Open a UDP socket connected to `target`, with large buffers.
 pub fn connect_udp(target: SocketAddr) -> io::Result<UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
@@ -298,7 +307,9 @@ where
             return End::Reset(ResetReason::SocketError);
         }
         buf.clear();
-        buf.reserve(HEADROOM + MAX_UDP_PAYLOAD + 1);
+        if buf.capacity() < RECV_NEED {
+            buf = BytesMut::with_capacity(RECV_BLOCK);
+        }
         buf.put_bytes(0, HEADROOM);
         match shared.udp.try_recv_buf(&mut buf) {
             Ok(_) => {}
@@ -349,5 +360,58 @@ where
             return End::ClientGone;
         }
         stats.tx.record(Encoding::Capsule, len);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::stats::{HttpStats, Store};
+
+    async fn shared() -> TunnelShared {
+        TunnelShared {
+            udp: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+            active: AtomicBool::new(false),
+            failed: Notify::new(),
+            stats: HttpStats::new(&Store::new(), "t").connect_udp,
+        }
+    }
+
+    /// The idle timer fires between 1 and 1.25 timeouts after the last activity, and
+    /// activity pushes it back. Time is virtual: no test waits for real seconds.
+    #[tokio::test(start_paused = true)]
+    async fn idle_timer_controlled_time() {
+        let s = shared().await;
+        let timeout = Duration::from_secs(120);
+        let start = tokio::time::Instant::now();
+        assert_eq!(
+            idle(&s, Some(timeout)).await,
+            End::Reset(ResetReason::IdleTimeout)
+        );
+        let waited = start.elapsed();
+        assert!(waited >= timeout && waited <= timeout * 5 / 4, "{waited:?}");
+
+        // Activity in every period keeps the tunnel open.
+        let start = tokio::time::Instant::now();
+        let keep_alive = async {
+            for _ in 0..10 {
+                tokio::time::sleep(timeout / 2).await;
+                s.active.store(true, Ordering::Relaxed);
+            }
+        };
+        tokio::select! {
+            end = idle(&s, Some(timeout)) => {
+                assert!(start.elapsed() >= timeout * 5, "closed early: {end:?}");
+            }
+            _ = keep_alive => {}
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_idle_timeout_never_fires() {
+        let s = shared().await;
+        let r = tokio::time::timeout(Duration::from_secs(3600), idle(&s, None)).await;
+        assert!(r.is_err());
     }
 }
