@@ -21,23 +21,29 @@ log "cargo build --release"
 cargo build --release --workspace
 
 log "cargo test (unit, property, end-to-end)"
+set +e
 cargo test --release --workspace 2>&1 | tee "$root/target/cargo-test.log"
-rust_passed=$(grep -Eo 'test result: ok\. [0-9]+ passed' target/cargo-test.log | awk '{s+=$4} END {print s+0}')
-rust_failed=$(grep -Eo '[0-9]+ failed' target/cargo-test.log | awk '{s+=$1} END {print s+0}')
+cargo_rc=${PIPESTATUS[0]}
+set -e
+# Counting never fails the script: a missing count is zero.
+count() { { grep -Eo "$1" "$2" || true; } | awk -v f="$3" '{s+=$f} END {print s+0}'; }
+rust_passed=$(count 'test result: (ok|FAILED)\. [0-9]+ passed' target/cargo-test.log 4)
+rust_failed=$(count '[0-9]+ failed;' target/cargo-test.log 1)
 
 log "interop and differential tests (aioquic, real Envoy 1.40)"
 set +e
 FERRY_BIN="$root/target/release/ferry" .venv/bin/python -m pytest tests/interop -q -rs 2>&1 | tee target/pytest.log
 py_rc=${PIPESTATUS[0]}
 set -e
-py_passed=$(grep -Eo '[0-9]+ passed' target/pytest.log | tail -1 | awk '{print $1+0}')
-py_failed=$(grep -Eo '[0-9]+ failed' target/pytest.log | tail -1 | awk '{print $1+0}')
-py_skipped=$(grep -Eo '[0-9]+ skipped' target/pytest.log | tail -1 | awk '{print $1+0}')
+last=$(tail -1 target/pytest.log)
+py_passed=$(printf '%s\n' "$last" | { grep -Eo '[0-9]+ passed' || true; } | awk '{s+=$1} END {print s+0}')
+py_failed=$(printf '%s\n' "$last" | { grep -Eo '[0-9]+ (failed|error|errors)' || true; } | awk '{s+=$1} END {print s+0}')
+py_skipped=$(printf '%s\n' "$last" | { grep -Eo '[0-9]+ skipped' || true; } | awk '{s+=$1} END {print s+0}')
 
-passed=$((rust_passed + ${py_passed:-0}))
-failed=$((rust_failed + ${py_failed:-0}))
+passed=$((rust_passed + py_passed))
+failed=$((rust_failed + py_failed))
 echo
-echo "summary: ${passed} passed, ${failed} failed, ${py_skipped:-0} skipped"
-if [ "$py_rc" -ne 0 ] || [ "$failed" -ne 0 ]; then
+echo "summary: ${passed} passed, ${failed} failed, ${py_skipped} skipped"
+if [ "$cargo_rc" -ne 0 ] || [ "$py_rc" -ne 0 ] || [ "$failed" -ne 0 ]; then
   exit 1
 fi

@@ -168,12 +168,15 @@ def render_bootstrap(template: str, dest: Path, **values) -> Path:
 class ProxyProcess:
     """One running envoy/ferry with its admin endpoint."""
 
-    def __init__(self, impl: str, config: Path, workdir: Path, label: str) -> None:
+    def __init__(self, impl: str, config: Path, workdir: Path, label: str,
+                 name: str | None = None, log_level: str = "error") -> None:
         self.impl = impl
         self.config = config
         self.label = label
-        self.admin_path = workdir / f"{impl}-admin-address.txt"
-        self.log_path = workdir / f"{impl}.log"
+        # ``name`` keeps the files of several processes of one impl apart (proxy chains).
+        self.name = name or impl
+        self.admin_path = workdir / f"{self.name}-admin-address.txt"
+        self.log_path = workdir / f"{self.name}.log"
         self.allow_death = False  # a test sets this when it provokes a known crash
         self.startup_failed = False
         self.admin: str | None = None
@@ -183,7 +186,7 @@ class ProxyProcess:
             self.admin_path.unlink()
         cmd = [
             str(binary_for(impl)), "-c", str(config),
-            "--concurrency", "1", "-l", "error",
+            "--concurrency", "1", "-l", log_level,
             "--disable-hot-restart",  # Envoy needs it for parallel instances; Ferry: no-op
             "--admin-address-path", str(self.admin_path),
         ]
@@ -290,6 +293,22 @@ class ProxyProcess:
                 return int(port)
         raise AssertionError(f"no listener {name!r} in /listeners")
 
+    def stats(self) -> dict[str, str]:
+        """GET /stats (text ``name: value`` lines, Envoy's format) as a dict."""
+        status, body = self.admin_get("/stats")
+        assert status == 200, f"{self.name} /stats -> {status}"
+        out = {}
+        for line in body.decode(errors="replace").splitlines():
+            key, sep, value = line.partition(": ")
+            if sep:
+                out[key.strip()] = value.strip()
+        return out
+
+    def counter(self, stat: str) -> int | None:
+        """One counter/gauge from /stats; None if the process does not export it."""
+        value = self.stats().get(stat)
+        return None if value is None else int(value)
+
     # -- teardown
 
     def stop(self) -> str | None:
@@ -355,17 +374,61 @@ def start_proxy(impl, workdir, udp_target, request):
 
     yield start
 
+    stop_all(started, request)
+
+
+def stop_all(started: list[ProxyProcess], request) -> None:
+    """Teardown: stop every process; an unexpected death (not allow_death) fails the test."""
     problems = []
     for proxy in started:
         died = proxy.stop()
         if died is not None:
             note = (" (expected by the test)" if proxy.allow_death
                     else " (during startup)" if proxy.startup_failed else "")
-            DEATHS.append(f"{request.node.nodeid}: {proxy.impl} {died}{note}")
+            DEATHS.append(f"{request.node.nodeid}: {proxy.name} {died}{note}")
             if not proxy.allow_death and not proxy.startup_failed:
-                problems.append(f"{proxy.impl} died unexpectedly ({died}); log tail:\n{proxy.log_tail()}")
+                problems.append(f"{proxy.name} died unexpectedly ({died}); log tail:\n{proxy.log_tail()}")
     if problems:
         pytest.fail("\n".join(problems))
+
+
+# Log level of the processes started by ``spawn_proxy`` (e.g. INTEROP_LOG_LEVEL=debug to
+# see Ferry's view of a failing chain test in its log).
+SPAWN_LOG_LEVEL = os.environ.get("INTEROP_LOG_LEVEL", "error")
+
+
+@pytest.fixture
+def spawn_proxy(workdir, request):
+    """Factory for tests that run several proxies (chains), each of a chosen impl:
+
+    spawn_proxy(impl, name, template="x.yaml.in", **placeholders) or
+    spawn_proxy(impl, name, config=PATH) -> ready ProxyProcess.
+
+    Skips the test if the impl's binary is missing. ``name`` must be unique within the
+    test (it names the log and admin-address files). Teardown as in ``start_proxy``.
+    """
+    started: list[ProxyProcess] = []
+
+    def spawn(impl: str, name: str, template: str | None = None, config: Path | None = None,
+              **values) -> ProxyProcess:
+        skip_if_missing(impl)
+        assert (template is None) != (config is None), "give exactly one of template, config"
+        assert all(p.name != name for p in started), f"duplicate proxy name {name}"
+        if template is not None:
+            config = render_bootstrap(template, workdir / f"{name}-{template.removesuffix('.in')}", **values)
+        proxy = ProxyProcess(impl, config, workdir, request.node.name, name=name,
+                             log_level=SPAWN_LOG_LEVEL)
+        started.append(proxy)
+        try:
+            proxy.wait_ready()
+        except Exception:
+            proxy.startup_failed = True
+            raise
+        return proxy
+
+    yield spawn
+
+    stop_all(started, request)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import REPO_ROOT, binary_for, skip_if_missing
 
-EXAMPLES = sorted(p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "examples").glob("*.yaml"))
+EXAMPLES = sorted(p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "examples").rglob("*.yaml"))
 BAD_DIR = REPO_ROOT / "tests" / "configs"
 BAD_CONFIGS = sorted(p.relative_to(REPO_ROOT).as_posix() for p in BAD_DIR.glob("bad-*.yaml"))
 

@@ -14,7 +14,10 @@ use std::marker::PhantomData;
 
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 
-use crate::raw::{DownstreamTlsContext, HttpConnectionManager, QuicDownstreamTransport, Router};
+use crate::raw::{
+    DownstreamTlsContext, FileAccessLog, HttpConnectionManager, HttpProtocolOptions,
+    QuicDownstreamTransport, QuicUpstreamTransport, Router, StreamAccessLog,
+};
 
 /// `@type` of the QUIC downstream transport socket.
 pub const QUIC_DOWNSTREAM_TRANSPORT: &str =
@@ -24,8 +27,23 @@ pub const DOWNSTREAM_TLS_CONTEXT: &str =
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
 /// `@type` of the HTTP connection manager network filter.
 pub const HTTP_CONNECTION_MANAGER: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+/// `@type` of the QUIC upstream transport socket (a cluster's `transport_socket`).
+pub const QUIC_UPSTREAM_TRANSPORT: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.quic.v3.QuicUpstreamTransport";
+/// `@type` of a cluster's upstream HTTP protocol options.
+pub const HTTP_PROTOCOL_OPTIONS: &str =
+    "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 /// `@type` of the router HTTP filter.
 pub const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
+/// `@type` of the file access logger.
+pub const FILE_ACCESS_LOG: &str =
+    "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog";
+/// `@type` of the stdout access logger.
+pub const STDOUT_ACCESS_LOG: &str =
+    "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog";
+/// `@type` of the stderr access logger.
+pub const STDERR_ACCESS_LOG: &str =
+    "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StderrAccessLog";
 
 /// Marks a message carrying a nested path (see [`crate::error`]): `MARK path MARK message`.
 pub(crate) const PATH_MARK: char = '\u{1}';
@@ -105,6 +123,70 @@ impl AnySlot for HttpFilterConfig {
     }
 }
 
+/// A cluster's `transport_socket.typed_config`.
+#[derive(Debug)]
+pub(crate) enum UpstreamTransportConfig {
+    Quic(QuicUpstreamTransport),
+    Other(String),
+}
+
+impl AnySlot for UpstreamTransportConfig {
+    const WHAT: &'static str = "an upstream transport socket typed_config";
+    fn from_type<'de, D: Deserializer<'de>>(url: String, rest: D) -> Result<Self, D::Error> {
+        Ok(match url.as_str() {
+            QUIC_UPSTREAM_TRANSPORT => Self::Quic(QuicUpstreamTransport::deserialize(rest)?),
+            _ => {
+                skip(rest)?;
+                Self::Other(url)
+            }
+        })
+    }
+}
+
+/// A cluster's `typed_extension_protocol_options` value.
+#[derive(Debug)]
+pub(crate) enum ProtocolOptionsConfig {
+    Http(HttpProtocolOptions),
+    Other(String),
+}
+
+impl AnySlot for ProtocolOptionsConfig {
+    const WHAT: &'static str = "cluster protocol options";
+    fn from_type<'de, D: Deserializer<'de>>(url: String, rest: D) -> Result<Self, D::Error> {
+        Ok(match url.as_str() {
+            HTTP_PROTOCOL_OPTIONS => Self::Http(HttpProtocolOptions::deserialize(rest)?),
+            _ => {
+                skip(rest)?;
+                Self::Other(url)
+            }
+        })
+    }
+}
+
+/// HCM `access_log[].typed_config`.
+#[derive(Debug)]
+pub(crate) enum AccessLoggerConfig {
+    File(FileAccessLog),
+    Stdout(StreamAccessLog),
+    Stderr(StreamAccessLog),
+    Other(String),
+}
+
+impl AnySlot for AccessLoggerConfig {
+    const WHAT: &'static str = "an access logger typed_config";
+    fn from_type<'de, D: Deserializer<'de>>(url: String, rest: D) -> Result<Self, D::Error> {
+        Ok(match url.as_str() {
+            FILE_ACCESS_LOG => Self::File(FileAccessLog::deserialize(rest)?),
+            STDOUT_ACCESS_LOG => Self::Stdout(StreamAccessLog::deserialize(rest)?),
+            STDERR_ACCESS_LOG => Self::Stderr(StreamAccessLog::deserialize(rest)?),
+            _ => {
+                skip(rest)?;
+                Self::Other(url)
+            }
+        })
+    }
+}
+
 macro_rules! deserialize_via_any_slot {
     ($($t:ty),*) => {$(
         impl<'de> Deserialize<'de> for $t {
@@ -115,9 +197,12 @@ macro_rules! deserialize_via_any_slot {
     )*};
 }
 deserialize_via_any_slot!(
+    AccessLoggerConfig,
     DownstreamTransportConfig,
     NetworkFilterConfig,
-    HttpFilterConfig
+    HttpFilterConfig,
+    UpstreamTransportConfig,
+    ProtocolOptionsConfig
 );
 
 struct AnyVisitor<T>(PhantomData<T>);

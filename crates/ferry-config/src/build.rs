@@ -9,15 +9,19 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use crate::any::{
-    DOWNSTREAM_TLS_CONTEXT, HTTP_CONNECTION_MANAGER, QUIC_DOWNSTREAM_TRANSPORT, ROUTER,
+    DOWNSTREAM_TLS_CONTEXT, HTTP_CONNECTION_MANAGER, HTTP_PROTOCOL_OPTIONS,
+    QUIC_DOWNSTREAM_TRANSPORT, QUIC_UPSTREAM_TRANSPORT, ROUTER,
 };
 use crate::datasource::{decode_base64, PemKind};
 use crate::duration::{duration_from_parts, parse_duration};
 use crate::error::ConfigError;
 use crate::model;
 use crate::raw::{
-    self, DownstreamTransportConfig, HttpFilterConfig, NetworkFilterConfig, RawDuration,
+    self, DownstreamTransportConfig, HttpFilterConfig, NetworkFilterConfig, ProtocolOptionsConfig,
+    RawDuration, UpstreamTransportConfig,
 };
+
+mod accesslog;
 
 /// The message for a known Envoy field that Ferry does not implement.
 pub const NOT_SUPPORTED: &str = "Envoy field not supported by Ferry (yet)";
@@ -498,6 +502,12 @@ fn build_tls_context(ctx: &mut Ctx, p: &P, d: &raw::DownstreamTlsContext) -> mod
         .iter()
         .any(|f| f.starts_with("tls_certificate") || f.starts_with("custom_tls"));
     ctx.unsupported(&cp, unsupported);
+    if c.validation_context.is_some() {
+        ctx.err(
+            &cp.f("validation_context"),
+            format!("{NOT_SUPPORTED}: client certificate validation (mTLS) on a listener"),
+        );
+    }
     let lp = cp.f("tls_certificates");
     if c.tls_certificates.is_empty() && !other_source {
         ctx.err(
@@ -634,6 +644,7 @@ fn placeholder_hcm() -> model::HttpConnectionManager {
         allow_extended_connect: false,
         stream_idle_timeout: None,
         http_filters: Vec::new(),
+        access_log: Vec::new(),
     }
 }
 
@@ -731,6 +742,8 @@ fn build_hcm(
     );
     let stream_idle_timeout = (!timeout.is_zero()).then_some(timeout);
 
+    let access_log = accesslog::build_access_logs(ctx, &p.f("access_log"), &h.access_log);
+
     model::HttpConnectionManager {
         codec_type,
         stat_prefix,
@@ -739,6 +752,7 @@ fn build_hcm(
         allow_extended_connect,
         stream_idle_timeout,
         http_filters,
+        access_log,
     }
 }
 
@@ -950,11 +964,48 @@ fn build_route(ctx: &mut Ctx, p: &P, r: &raw::Route, clusters: &HashSet<&str>) -
         }
     };
 
+    let pass_through = match &r.metadata {
+        Some(md) => route_pass_through(ctx, &p.f("metadata"), md),
+        None => false,
+    };
+
     model::Route {
         name: r.name.clone().filter(|n| !n.is_empty()),
         matcher,
         action,
+        pass_through,
     }
+}
+
+/// The metadata namespace Ferry reads on a route (Envoy accepts any namespace and ignores
+/// those no filter reads, so a bootstrap using it still validates under Envoy).
+pub const FERRY_CONNECT_UDP_METADATA: &str = "ferry.connect_udp";
+
+/// `metadata.filter_metadata["ferry.connect_udp"]`: `{pass_through: bool}`. Other
+/// namespaces belong to other filters and mean nothing to Ferry's router.
+fn route_pass_through(ctx: &mut Ctx, p: &P, md: &raw::Metadata) -> bool {
+    ctx.unsupported(p, md.unsupported_fields());
+    let fp = p.f("filter_metadata");
+    let Some(value) = md.filter_metadata.get(FERRY_CONNECT_UDP_METADATA) else {
+        return false;
+    };
+    let np = fp.f(FERRY_CONNECT_UDP_METADATA);
+    let Some(obj) = value.as_object() else {
+        ctx.err(&np, "must be a mapping: {pass_through: true|false}");
+        return false;
+    };
+    let mut pass_through = false;
+    for (k, v) in obj {
+        match (k.as_str(), v) {
+            ("pass_through", serde_json::Value::Bool(b)) => pass_through = *b,
+            ("pass_through", _) => ctx.err(&np.f("pass_through"), "must be true or false"),
+            (other, _) => ctx.err(
+                &np.f(other),
+                "unknown field; the ferry.connect_udp namespace has only `pass_through`",
+            ),
+        }
+    }
+    pass_through
 }
 
 fn build_route_match(ctx: &mut Ctx, p: &P, m: &raw::RouteMatch) -> model::RouteMatch {
@@ -1170,6 +1221,8 @@ fn build_cluster(ctx: &mut Ctx, p: &P, c: &raw::Cluster) -> model::Cluster {
         );
     }
 
+    let upstream = build_upstream(ctx, p, c);
+
     model::Cluster {
         name,
         discovery: discovery.unwrap_or(model::DiscoveryType::Static),
@@ -1177,7 +1230,140 @@ fn build_cluster(ctx: &mut Ctx, p: &P, c: &raw::Cluster) -> model::Cluster {
         dns_refresh_rate,
         connect_timeout,
         endpoints,
+        upstream,
     }
+}
+
+/// The key Envoy files HTTP protocol options under in `typed_extension_protocol_options`.
+const HTTP_PROTOCOL_OPTIONS_KEY: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+/// A cluster's upstream HTTP settings: `typed_extension_protocol_options` (HTTP/3 only for
+/// now) and the `transport_socket` (QUIC). Both or neither.
+fn build_upstream(ctx: &mut Ctx, p: &P, c: &raw::Cluster) -> Option<model::UpstreamHttp> {
+    let op = p.f("typed_extension_protocol_options");
+    let mut protocol = None;
+    for (key, value) in &c.typed_extension_protocol_options {
+        let kp = op.f(key);
+        if key != HTTP_PROTOCOL_OPTIONS_KEY {
+            ctx.err(
+                &kp,
+                format!("unknown protocol options key; Ferry reads `{HTTP_PROTOCOL_OPTIONS_KEY}`"),
+            );
+            continue;
+        }
+        match value {
+            ProtocolOptionsConfig::Http(h) => {
+                ctx.unsupported(&kp, h.unsupported_fields());
+                let ep = kp.f("explicit_http_config");
+                let Some(explicit) = &h.explicit_http_config else {
+                    if h.unsupported_fields().is_empty() {
+                        ctx.err(&ep, "is required: Ferry needs http3_protocol_options here");
+                    }
+                    continue;
+                };
+                ctx.unsupported(&ep, explicit.unsupported_fields());
+                match &explicit.http3_protocol_options {
+                    Some(h3) => {
+                        let hp = ep.f("http3_protocol_options");
+                        ctx.unsupported(&hp, h3.unsupported_fields());
+                        protocol = Some(model::UpstreamProtocol::Http3 {
+                            allow_extended_connect: h3.allow_extended_connect.unwrap_or(false),
+                        });
+                    }
+                    None if explicit.unsupported_fields().is_empty() => {
+                        ctx.err(&ep, "one of http3_protocol_options (supported), http2_protocol_options or http_protocol_options is required");
+                    }
+                    None => {}
+                }
+            }
+            ProtocolOptionsConfig::Other(url) => {
+                ctx.err(
+                    &kp.f("@type"),
+                    format!("unknown @type `{url}`; expected `{HTTP_PROTOCOL_OPTIONS}`"),
+                );
+            }
+        }
+    }
+
+    let tp = p.f("transport_socket");
+    let tls = c.transport_socket.as_ref().map(|ts| {
+        ctx.unsupported(&tp, ts.unsupported_fields());
+        let cp = tp.f("typed_config");
+        match &ts.typed_config {
+            Some(UpstreamTransportConfig::Quic(q)) => {
+                check_name(ctx, &tp.f("name"), ts.name.as_deref().unwrap_or(""), QUIC_NAME);
+                ctx.unsupported(&cp, q.unsupported_fields());
+                let up = cp.f("upstream_tls_context");
+                match &q.upstream_tls_context {
+                    Some(u) => build_upstream_tls(ctx, &up, u),
+                    None => model::UpstreamTls::default(),
+                }
+            }
+            Some(UpstreamTransportConfig::Other(url)) => {
+                ctx.err(
+                    &cp.f("@type"),
+                    format!("`{url}` is not supported by Ferry (yet) on a cluster; expected `{QUIC_UPSTREAM_TRANSPORT}`"),
+                );
+                model::UpstreamTls::default()
+            }
+            None => {
+                ctx.err(&cp, format!("is required: `{QUIC_UPSTREAM_TRANSPORT}`"));
+                model::UpstreamTls::default()
+            }
+        }
+    });
+
+    match (protocol, tls) {
+        (Some(protocol), Some(tls)) => Some(model::UpstreamHttp { protocol, tls }),
+        (Some(_), None) => {
+            ctx.err(
+                &tp,
+                format!("is required with http3_protocol_options: `{QUIC_NAME}` with `{QUIC_UPSTREAM_TRANSPORT}`"),
+            );
+            None
+        }
+        (None, Some(_)) if c.typed_extension_protocol_options.is_empty() => {
+            ctx.err(
+                &op,
+                "a QUIC transport_socket needs HTTP/3: typed_extension_protocol_options with http3_protocol_options",
+            );
+            None
+        }
+        _ => None,
+    }
+}
+
+fn build_upstream_tls(ctx: &mut Ctx, p: &P, u: &raw::UpstreamTlsContext) -> model::UpstreamTls {
+    ctx.unsupported(p, u.unsupported_fields());
+    let mut tls = model::UpstreamTls {
+        sni: u.sni.clone().filter(|s| !s.is_empty()),
+        trusted_ca_pem: None,
+    };
+    let Some(common) = &u.common_tls_context else {
+        return tls;
+    };
+    let cp = p.f("common_tls_context");
+    ctx.unsupported(&cp, common.unsupported_fields());
+    if !common.tls_certificates.is_empty() {
+        ctx.err(
+            &cp.f("tls_certificates"),
+            format!("{NOT_SUPPORTED}: client certificates to upstreams"),
+        );
+    }
+    if let Some(vc) = &common.validation_context {
+        let vp = cp.f("validation_context");
+        ctx.unsupported(&vp, vc.unsupported_fields());
+        if vc.trusted_ca.is_some() {
+            tls.trusted_ca_pem = Some(data_source(
+                ctx,
+                &vp.f("trusted_ca"),
+                vc.trusted_ca.as_ref(),
+                PemKind::CertificateChain,
+                false,
+            ));
+        }
+    }
+    tls
 }
 
 fn build_load_assignment(

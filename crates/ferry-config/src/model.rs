@@ -91,6 +91,53 @@ pub struct HttpConnectionManager {
     pub stream_idle_timeout: Option<Duration>,
     /// Names of `http_filters[]`, in order (only `envoy.filters.http.router` for now).
     pub http_filters: Vec<String>,
+    /// `access_log[]`: one line per request (per tunnel, at its end) to each.
+    pub access_log: Vec<AccessLog>,
+}
+
+/// One HCM `access_log[]` entry: where the lines go and how they look.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessLog {
+    pub sink: AccessLogSink,
+    pub format: LogFormat,
+}
+
+/// `envoy.access_loggers.file` (`path`), `envoy.access_loggers.stdout`, `.stderr`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum AccessLogSink {
+    File(String),
+    Stdout,
+    Stderr,
+}
+
+/// `log_format` (Envoy's `SubstitutionFormatString`), parsed; Envoy's default text format
+/// when absent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LogFormat {
+    /// `text_format_source` (or `text_format`): one line per request, as written (Envoy
+    /// adds no newline).
+    Text {
+        template: crate::format::Template,
+        /// `omit_empty_values`: an unavailable value prints as nothing instead of `-`.
+        omit_empty_values: bool,
+    },
+    /// `json_format`: one JSON object per line, keys sorted.
+    Json {
+        fields: Vec<(String, JsonTemplate)>,
+        /// `omit_empty_values`: keys whose value is unavailable are left out (else `null`).
+        omit_empty_values: bool,
+    },
+}
+
+/// A `json_format` value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JsonTemplate {
+    /// A format string; a lone numeric command (`%RESPONSE_CODE%`) stays a number.
+    Format(crate::format::Template),
+    Number(f64),
+    Bool(bool),
+    Null,
+    Object(Vec<(String, JsonTemplate)>),
 }
 
 /// HCM `upgrade_configs[]` entry.
@@ -122,6 +169,12 @@ pub struct Route {
     pub name: Option<String>,
     pub matcher: RouteMatch,
     pub action: RouteAction,
+    /// Ferry extension, from the route's
+    /// `metadata.filter_metadata["ferry.connect_udp"].pass_through` (Envoy accepts and
+    /// ignores it): forward an extended CONNECT-UDP request unchanged, whatever URI template
+    /// its path follows, with no path check and no Host rewrite. Default false: Envoy's
+    /// behaviour.
+    pub pass_through: bool,
 }
 
 /// `routes[].match`: exactly one path specifier.
@@ -169,6 +222,35 @@ pub struct Cluster {
     pub connect_timeout: Duration,
     /// `load_assignment.endpoints[].lb_endpoints[].endpoint.address.socket_address`, flattened.
     pub endpoints: Vec<Endpoint>,
+    /// How to speak HTTP to the cluster's hosts when forwarding (the cluster is another
+    /// proxy): `typed_extension_protocol_options` + `transport_socket`. None for clusters
+    /// that only receive terminated UDP.
+    pub upstream: Option<UpstreamHttp>,
+}
+
+/// A cluster's upstream HTTP settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamHttp {
+    pub protocol: UpstreamProtocol,
+    /// From the cluster's `transport_socket` (`QuicUpstreamTransport.upstream_tls_context`).
+    pub tls: UpstreamTls,
+}
+
+/// `HttpProtocolOptions.explicit_http_config`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// `http3_protocol_options`.
+    Http3 { allow_extended_connect: bool },
+}
+
+/// `upstream_tls_context`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct UpstreamTls {
+    /// `sni`: the TLS server name (and certificate name checked); Envoy sends none when unset.
+    pub sni: Option<String>,
+    /// `common_tls_context.validation_context.trusted_ca` as PEM. None: Envoy does not verify
+    /// the upstream's certificate, and neither does Ferry (it warns at start-up).
+    pub trusted_ca_pem: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

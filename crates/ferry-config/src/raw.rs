@@ -14,7 +14,10 @@ use std::fmt;
 
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 
-pub(crate) use crate::any::{DownstreamTransportConfig, HttpFilterConfig, NetworkFilterConfig};
+pub(crate) use crate::any::{
+    AccessLoggerConfig, DownstreamTransportConfig, HttpFilterConfig, NetworkFilterConfig,
+    ProtocolOptionsConfig, UpstreamTransportConfig,
+};
 
 /// Any value at all: the value of an Envoy field Ferry does not implement. Only its
 /// presence is kept, so that validation can name it.
@@ -323,15 +326,86 @@ envoy_message! {
     /// `envoy.extensions.transport_sockets.tls.v3.CommonTlsContext`.
     struct CommonTlsContext {
         tls_certificates: Vec<TlsCertificate>,
+        validation_context: Option<CertificateValidationContext>,
     }
     unsupported [
         tls_params, tls_certificate_sds_secret_configs, tls_certificate_provider_instance,
         custom_tls_certificate_selector, tls_certificate_certificate_provider,
-        tls_certificate_certificate_provider_instance, validation_context,
-        validation_context_sds_secret_config, combined_validation_context,
+        tls_certificate_certificate_provider_instance, validation_context_sds_secret_config, combined_validation_context,
         validation_context_certificate_provider, validation_context_certificate_provider_instance,
         alpn_protocols, custom_handshaker, key_log,
     ]
+}
+
+envoy_message! {
+    /// `envoy.extensions.transport_sockets.tls.v3.CertificateValidationContext`.
+    struct CertificateValidationContext {
+        trusted_ca: Option<DataSource>,
+    }
+    unsupported [
+        ca_certificate_provider_instance, system_root_certs, watched_directory,
+        verify_certificate_spki, verify_certificate_hash, match_typed_subject_alt_names,
+        match_subject_alt_names, require_signed_certificate_timestamp, crl,
+        allow_expired_certificate, trust_chain_verification, custom_validator_config,
+        only_verify_leaf_cert_crl, max_verify_depth,
+    ]
+}
+
+envoy_message! {
+    /// `envoy.config.core.v3.TransportSocket` on a cluster.
+    struct UpstreamTransportSocket {
+        name: Option<String>,
+        typed_config: Option<UpstreamTransportConfig>,
+    }
+    unsupported []
+}
+
+envoy_message! {
+    /// `envoy.extensions.transport_sockets.quic.v3.QuicUpstreamTransport`.
+    struct QuicUpstreamTransport {
+        upstream_tls_context: Option<UpstreamTlsContext>,
+    }
+    unsupported []
+}
+
+envoy_message! {
+    /// `envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext`.
+    struct UpstreamTlsContext {
+        sni: Option<String>,
+        common_tls_context: Option<CommonTlsContext>,
+    }
+    unsupported [
+        auto_host_sni, auto_sni_san_validation, allow_renegotiation, max_session_keys,
+        enforce_rsa_key_usage,
+    ]
+}
+
+envoy_message! {
+    /// `envoy.extensions.upstreams.http.v3.HttpProtocolOptions`.
+    struct HttpProtocolOptions {
+        explicit_http_config: Option<ExplicitHttpConfig>,
+    }
+    unsupported [
+        common_http_protocol_options, upstream_http_protocol_options,
+        use_downstream_protocol_config, auto_config, http_filters, header_validation_config,
+        outlier_detection,
+    ]
+}
+
+envoy_message! {
+    /// `HttpProtocolOptions.ExplicitHttpConfig`.
+    struct ExplicitHttpConfig {
+        http3_protocol_options: Option<Http3ProtocolOptions>,
+    }
+    unsupported [http_protocol_options, http2_protocol_options]
+}
+
+envoy_message! {
+    /// `envoy.config.core.v3.Metadata`.
+    struct Metadata {
+        filter_metadata: std::collections::BTreeMap<String, serde_json::Value>,
+    }
+    unsupported [typed_filter_metadata]
 }
 
 envoy_message! {
@@ -359,13 +433,14 @@ envoy_message! {
         upgrade_configs: Vec<HcmUpgradeConfig>,
         http3_protocol_options: Option<Http3ProtocolOptions>,
         stream_idle_timeout: Option<RawDuration>,
+        access_log: Vec<AccessLog>,
     }
     unsupported [
         rds, scoped_routes, add_user_agent, tracing, common_http_protocol_options,
         http_protocol_options, http2_protocol_options, server_name, server_header_transformation,
         scheme_header_transformation, max_request_headers_kb, max_request_headers_count,
         request_timeout, request_headers_timeout, drain_timeout, delayed_close_timeout,
-        access_log, access_log_flush_interval, flush_access_log_on_new_request,
+        access_log_flush_interval, flush_access_log_on_new_request,
         access_log_options, use_remote_address, xff_num_trusted_hops,
         original_ip_detection_extensions, early_header_mutation_extensions,
         internal_address_config, skip_xff_append, via, generate_request_id,
@@ -387,6 +462,43 @@ envoy_message! {
         enabled: Option<bool>,
     }
     unsupported [filters]
+}
+
+envoy_message! {
+    /// `envoy.config.accesslog.v3.AccessLog`.
+    struct AccessLog {
+        name: Option<String>,
+        typed_config: Option<AccessLoggerConfig>,
+    }
+    unsupported [filter]
+}
+
+envoy_message! {
+    /// `envoy.extensions.access_loggers.file.v3.FileAccessLog`.
+    struct FileAccessLog {
+        path: Option<String>,
+        log_format: Option<SubstitutionFormatString>,
+    }
+    unsupported [format, json_format, typed_json_format]
+}
+
+envoy_message! {
+    /// `envoy.extensions.access_loggers.stream.v3.StdoutAccessLog` and `StderrAccessLog`.
+    struct StreamAccessLog {
+        log_format: Option<SubstitutionFormatString>,
+    }
+    unsupported []
+}
+
+envoy_message! {
+    /// `envoy.config.core.v3.SubstitutionFormatString`.
+    struct SubstitutionFormatString {
+        text_format: Option<String>,
+        text_format_source: Option<DataSource>,
+        json_format: Option<serde_json::Value>,
+        omit_empty_values: Option<bool>,
+    }
+    unsupported [content_type, formatters, json_format_options]
 }
 
 envoy_message! {
@@ -462,9 +574,10 @@ envoy_message! {
         #[serde(rename = "match")]
         matcher: Option<RouteMatch>,
         route: Option<RouteAction>,
+        metadata: Option<Metadata>,
     }
     unsupported [
-        redirect, direct_response, filter_action, non_forwarding_action, metadata, decorator,
+        redirect, direct_response, filter_action, non_forwarding_action, decorator,
         typed_per_filter_config, request_headers_to_add, request_headers_to_remove,
         response_headers_to_add, response_headers_to_remove, tracing,
         per_request_buffer_limit_bytes, request_body_buffer_limit, stat_prefix,
@@ -539,17 +652,19 @@ envoy_message! {
         connect_timeout: Option<RawDuration>,
         lb_policy: Option<String>,
         load_assignment: Option<ClusterLoadAssignment>,
+        typed_extension_protocol_options: std::collections::BTreeMap<String, ProtocolOptionsConfig>,
+        transport_socket: Option<UpstreamTransportSocket>,
     }
     unsupported [
         transport_socket_matches, alt_stat_name, cluster_type, eds_cluster_config,
         per_connection_buffer_limit_bytes, health_checks, max_requests_per_connection,
         circuit_breakers, upstream_http_protocol_options, common_http_protocol_options,
-        http_protocol_options, http2_protocol_options, typed_extension_protocol_options,
+        http_protocol_options, http2_protocol_options,
         dns_jitter, dns_failure_refresh_rate, respect_dns_ttl, dns_resolvers,
         use_tcp_for_dns_lookups, dns_resolution_config, typed_dns_resolver_config,
         wait_for_warm_on_init, outlier_detection, cleanup_interval, upstream_bind_config,
         lb_subset_config, ring_hash_lb_config, maglev_lb_config, original_dst_lb_config,
-        least_request_lb_config, round_robin_lb_config, common_lb_config, transport_socket,
+        least_request_lb_config, round_robin_lb_config, common_lb_config,
         metadata, protocol_selection, upstream_connection_options,
         close_connections_on_host_health_failure, ignore_health_on_host_removal, filters,
         load_balancing_policy, lrs_server, lrs_report_endpoint_metrics, track_timeout_budgets,

@@ -48,6 +48,7 @@ fn expected_terminate_h3() -> Bootstrap {
                                         connect_config: Some(ConnectConfig {}),
                                     }],
                                 },
+                                pass_through: false,
                             }],
                         }],
                     },
@@ -55,6 +56,7 @@ fn expected_terminate_h3() -> Bootstrap {
                     allow_extended_connect: true,
                     stream_idle_timeout: Some(Duration::from_secs(300)),
                     http_filters: vec!["envoy.filters.http.router".into()],
+                    access_log: vec![],
                 },
             },
         }],
@@ -68,6 +70,7 @@ fn expected_terminate_h3() -> Bootstrap {
                 address: "localhost".into(),
                 port: ECHO_PORT,
             }],
+            upstream: None,
         }],
     }
 }
@@ -119,19 +122,48 @@ fn assert_only_not_supported(errs: &ConfigErrors, paths: &[&str]) {
 }
 
 #[test]
-fn forward_h3_fails_only_on_unsupported_upstream_options() {
-    let (text, _, _) = bootstrap("forward-h3.yaml.in");
-    let errs = load_yaml(&text).unwrap_err();
-    assert_only_not_supported(
-        &errs,
-        &[
-            "static_resources.clusters[0].typed_extension_protocol_options",
-            "static_resources.clusters[0].transport_socket",
-        ],
-    );
+fn forward_h3_loads_with_an_http3_upstream() {
+    let (text, cert, _) = bootstrap("forward-h3.yaml.in");
+    let b = load_yaml(&text).unwrap_or_else(|e| panic!("{e}"));
+    let upstream = b.clusters[0]
+        .upstream
+        .clone()
+        .expect("upstream HTTP settings");
     assert_eq!(
-        error_at(&errs, "static_resources.clusters[0].transport_socket").message,
-        NOT_SUPPORTED
+        upstream.protocol,
+        ferry_config::UpstreamProtocol::Http3 {
+            allow_extended_connect: true
+        }
+    );
+    assert_eq!(upstream.tls.sni.as_deref(), Some("proxy.test"));
+    let ca = upstream.tls.trusted_ca_pem.expect("trusted_ca");
+    assert!(ca.contains("BEGIN CERTIFICATE"), "{ca}");
+    let _ = cert;
+    let route = &b.listeners[0].filter_chain.hcm.route_config.virtual_hosts[0].routes[0];
+    assert!(!route.pass_through, "Envoy behaviour is the default");
+}
+
+#[test]
+fn pass_through_metadata_on_a_route() {
+    let (text, _, _) = bootstrap("forward-h3.yaml.in");
+    let with_md = text.replacen(
+        "                route:\n",
+        "                metadata:\n                  filter_metadata:\n                    ferry.connect_udp: { pass_through: true }\n                route:\n",
+        1,
+    );
+    assert_ne!(with_md, text, "the route was found");
+    let b = load_yaml(&with_md).unwrap_or_else(|e| panic!("{e}"));
+    assert!(b.listeners[0].filter_chain.hcm.route_config.virtual_hosts[0].routes[0].pass_through);
+
+    let bad = text.replacen(
+        "                route:\n",
+        "                metadata:\n                  filter_metadata:\n                    ferry.connect_udp: { pass_thru: true }\n                route:\n",
+        1,
+    );
+    let errs = load_yaml(&bad).unwrap_err();
+    assert!(
+        errs.has_path(&format!("{HCM}.route_config.virtual_hosts[0].routes[0].metadata.filter_metadata.ferry.connect_udp.pass_thru")),
+        "{errs}"
     );
 }
 

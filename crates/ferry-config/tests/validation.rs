@@ -78,7 +78,7 @@ fn many_unsupported_fields_are_all_reported() {
     let text = edit(
         &terminate_h3(),
         "          stat_prefix: ingress_http\n",
-        "          stat_prefix: ingress_http\n          use_remote_address: true\n          access_log: []\n          common_http_protocol_options: { idle_timeout: 1s }\n",
+        "          stat_prefix: ingress_http\n          use_remote_address: true\n          access_log_flush_interval: 1s\n          common_http_protocol_options: { idle_timeout: 1s }\n",
     );
     let text = edit(&text, "                  cluster: service_target\n", "                  cluster: service_target\n                  timeout: 0s\n                  prefix_rewrite: /x\n");
     let text = edit(
@@ -99,7 +99,7 @@ fn many_unsupported_fields_are_all_reported() {
         "admin.profile_path".to_owned(),
         "static_resources.listeners[0].udp_listener_config.quic_options.idle_timeout".to_owned(),
         format!("{HCM}.common_http_protocol_options"),
-        format!("{HCM}.access_log"),
+        format!("{HCM}.access_log_flush_interval"),
         format!("{HCM}.use_remote_address"),
         format!("{ROUTE}.prefix_rewrite"),
         format!("{ROUTE}.timeout"),

@@ -60,6 +60,17 @@ pub struct Args {
     /// Accepted for compatibility with Envoy's command line; Ferry has no shared memory.
     #[arg(long = "base-id")]
     pub base_id: Option<u32>,
+    /// After SIGTERM, how long open tunnels may run before they are closed and Ferry exits,
+    /// in seconds (Envoy's flag and default).
+    #[arg(long = "drain-time-s", default_value_t = 600)]
+    pub drain_time_s: u64,
+    /// Accepted for compatibility with Envoy's command line: Ferry always drains gradually
+    /// (every connection gets GOAWAY at once; each tunnel runs until it ends).
+    #[arg(long = "drain-strategy", value_parser = ["gradual", "immediate"])]
+    pub drain_strategy: Option<String>,
+    /// Accepted for compatibility with Envoy's command line (hot restart only).
+    #[arg(long = "parent-shutdown-time-s")]
+    pub parent_shutdown_time_s: Option<u64>,
 }
 
 pub fn main() -> ExitCode {
@@ -99,7 +110,17 @@ pub fn main() -> ExitCode {
 }
 
 async fn serve(bootstrap: ferry_config::Bootstrap, args: Args) -> ExitCode {
-    let server = match crate::server::Server::bind(bootstrap) {
+    let options = crate::server::ServerOptions {
+        drain_time: std::time::Duration::from_secs(args.drain_time_s),
+        concurrency: args.concurrency,
+        config_path: args.config_path.as_ref().map(|p| p.display().to_string()),
+        log_level: format!("{:?}", args.log_level).to_ascii_lowercase(),
+        admin_address_path: args
+            .admin_address_path
+            .as_ref()
+            .map(|p| p.display().to_string()),
+    };
+    let server = match crate::server::Server::bind_with(bootstrap, options) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("ferry: {e}");
@@ -115,28 +136,52 @@ async fn serve(bootstrap: ferry_config::Bootstrap, args: Args) -> ExitCode {
     for l in &server.state.listeners {
         tracing::info!(listener = %l.name, address = %l.local_addr, "listening");
     }
-    let shutdown = server.state.shutdown.clone();
+    // SIGTERM or SIGINT: drain (refuse new connections, GOAWAY, let open tunnels finish
+    // within --drain-time-s), then exit 0. A second signal exits at once.
+    let state = server.state.clone();
+    let signals = Signals::new();
     tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("signal received, shutting down");
-        shutdown.trigger();
+        let Some(mut signals) = signals else {
+            tracing::warn!("cannot install SIGTERM/SIGINT handlers");
+            return;
+        };
+        let sig = signals.next().await;
+        tracing::info!(
+            signal = sig,
+            drain_time_s = state.options.drain_time.as_secs(),
+            "signal received: draining (send it again to exit at once)"
+        );
+        state.drain_and_exit(sig);
+        let sig = signals.next().await;
+        tracing::info!(signal = sig, "second signal: shutting down now");
+        state.shutdown.trigger();
     });
     server.run().await;
     tracing::info!("ferry exited cleanly");
     ExitCode::SUCCESS
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, installed once (before serving, so none is missed).
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Option<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Some(Signals {
+            term: signal(SignalKind::terminate()).ok()?,
+            int: signal(SignalKind::interrupt()).ok()?,
+        })
+    }
+
+    /// The next SIGTERM or SIGINT, by name.
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
     }
 }
 

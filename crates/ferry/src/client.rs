@@ -124,8 +124,14 @@ impl H3Client {
 struct ChannelSink(mpsc::Sender<Bytes>);
 
 impl DatagramSink for ChannelSink {
-    fn deliver(&self, payload: Bytes) -> Result<(), DropReason> {
-        self.0.try_send(payload).map_err(|_| DropReason::BufferFull)
+    fn deliver(&self, http_datagram_payload: Bytes) -> Result<(), DropReason> {
+        match datagram::split_context_id(http_datagram_payload) {
+            Ok((datagram::CONTEXT_ID_UDP, payload)) => {
+                self.0.try_send(payload).map_err(|_| DropReason::BufferFull)
+            }
+            Ok(_) => Err(DropReason::UnknownContextId),
+            Err(_) => Err(DropReason::Malformed),
+        }
     }
 }
 

@@ -34,9 +34,10 @@ pub enum PickError {
     NoHealthyHost,
 }
 
-#[derive(Debug)]
 pub struct ClusterState {
     pub config: Cluster,
+    /// HTTP/3 connections to the cluster's hosts, for clusters that are next-hop proxies.
+    pub upstream: Option<crate::upstream::UpstreamPool>,
     hosts: ArcSwap<Hosts>,
     next: AtomicUsize,
     /// Becomes true once the first resolution attempt has finished (success or not).
@@ -63,6 +64,7 @@ impl ClusterState {
         let initialized = static_hosts.is_some();
         Arc::new(ClusterState {
             config,
+            upstream: None,
             hosts: ArcSwap::from_pointee(Hosts {
                 addrs: static_hosts.unwrap_or_default(),
                 dns_error: None,
@@ -192,17 +194,26 @@ fn filter_family(all: Vec<SocketAddr>, family: DnsLookupFamily) -> Result<Vec<So
 }
 
 /// All clusters, by name. Kept behind a swappable snapshot by the server.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct ClusterManager {
     clusters: HashMap<String, Arc<ClusterState>>,
 }
 
 impl ClusterManager {
-    pub fn new(configs: &[Cluster]) -> Self {
+    pub fn new(configs: &[Cluster], store: &Arc<crate::stats::Store>) -> Self {
         ClusterManager {
             clusters: configs
                 .iter()
-                .map(|c| (c.name.clone(), ClusterState::new(c.clone())))
+                .map(|c| {
+                    let upstream = c.upstream.clone().map(|u| {
+                        crate::upstream::UpstreamPool::new(&c.name, u, c.connect_timeout, store)
+                    });
+                    let mut state = ClusterState::new(c.clone());
+                    if let Some(s) = Arc::get_mut(&mut state) {
+                        s.upstream = upstream;
+                    }
+                    (c.name.clone(), state)
+                })
                 .collect(),
         }
     }
@@ -296,6 +307,7 @@ mod tests {
             dns_lookup_family: DnsLookupFamily::V4Only,
             dns_refresh_rate: std::time::Duration::from_secs(5),
             connect_timeout: std::time::Duration::from_secs(5),
+            upstream: None,
             endpoints: endpoints
                 .iter()
                 .map(|(a, p)| Endpoint {

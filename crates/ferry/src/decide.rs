@@ -12,6 +12,13 @@ use crate::router::{self, Decision, RouteInput};
 pub enum Plan {
     /// Terminate: open a UDP socket to a host of `cluster`.
     Terminate { cluster: String, target: Target },
+    /// Forward the request to a next-hop proxy of `cluster`. `authority` is the `:authority`
+    /// to send: the rewritten `target_host:target_port` (Envoy's behaviour), or None to
+    /// send the request's own (pass-through).
+    Forward {
+        cluster: String,
+        authority: Option<String>,
+    },
 }
 
 pub fn reject(status: u16, error: Option<&'static str>, details: impl Into<String>) -> Rejection {
@@ -29,7 +36,11 @@ pub fn decide(hcm: &HttpConnectionManager, head: &RequestHead<'_>) -> Result<Pla
     if !request::is_connect_udp(head) {
         return Err(decide_other(hcm, head));
     }
-    let target = request::validate_connect_udp(head)?;
+    let target = match request::validate_connect_udp(head) {
+        Ok(t) => t,
+        // Not the default template: a pass-through route may still forward it unchanged.
+        Err(rejection) => return pass_through(hcm, head).ok_or(rejection),
+    };
     // Envoy rewrites the Host to `target_host:target_port` and matches virtual hosts
     // against that.
     let authority = target.authority();
@@ -38,21 +49,47 @@ pub fn decide(hcm: &HttpConnectionManager, head: &RequestHead<'_>) -> Result<Pla
             cluster: cluster.to_owned(),
             target,
         }),
-        Decision::Forward { .. } => Err(reject(
-            501,
-            Some("proxy_configuration_error"),
-            "forwarding CONNECT-UDP to an upstream proxy is not implemented yet (route has no connect_config)",
-        )),
+        Decision::Forward {
+            cluster,
+            pass_through,
+        } => Ok(Plan::Forward {
+            cluster: cluster.to_owned(),
+            authority: (!pass_through).then_some(authority),
+        }),
         Decision::UpgradeNotEnabled => Err(reject(
             403,
             Some("http_request_denied"),
             "CONNECT-UDP is not enabled on the matched route",
         )),
-        Decision::NoRoute => Err(reject(
-            404,
-            Some("destination_not_found"),
-            format!("no route for {authority}"),
-        )),
+        Decision::NoRoute => {
+            // A pass-through route is matched on the request's own authority.
+            pass_through(hcm, head).ok_or_else(|| {
+                reject(
+                    404,
+                    Some("destination_not_found"),
+                    format!("no route for {authority}"),
+                )
+            })
+        }
+    }
+}
+
+/// Ferry's pass-through (a route with `metadata.filter_metadata["ferry.connect_udp"]
+/// .pass_through: true`): a well-formed extended CONNECT-UDP request whose path Ferry need
+/// not understand is routed on its own `:authority` and path and forwarded unchanged, so
+/// next hops with their own URI templates work (Envoy cannot do this: issue #42221).
+fn pass_through(hcm: &HttpConnectionManager, head: &RequestHead<'_>) -> Option<Plan> {
+    let authority = head.authority?;
+    let path = head.path.filter(|p| p.starts_with('/'))?;
+    match router::route_connect_udp(hcm, authority, Some(path)) {
+        Decision::Forward {
+            cluster,
+            pass_through: true,
+        } => Some(Plan::Forward {
+            cluster: cluster.to_owned(),
+            authority: None,
+        }),
+        _ => None,
     }
 }
 

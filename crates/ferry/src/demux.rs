@@ -15,9 +15,14 @@ use crate::stats::{ConnectUdpStats, DropReason};
 
 /// Where the datagrams of one tunnel go.
 pub trait DatagramSink: Send + Sync {
-    /// Deliver one UDP payload (context id 0 already removed). `Err` names why it was
-    /// dropped; the caller counts it.
-    fn deliver(&self, payload: Bytes) -> Result<(), DropReason>;
+    /// Deliver one HTTP Datagram payload (context id and what follows; the quarter stream
+    /// id already removed). The sink counts what it delivers; `Err` names why the datagram
+    /// was dropped, and the demux counts that.
+    fn deliver(&self, http_datagram_payload: Bytes) -> Result<(), DropReason>;
+
+    /// The demux dropped a datagram `deliver` refused (for the sink's own totals, such as
+    /// a tunnel's access log line). Nothing by default.
+    fn dropped(&self, _reason: DropReason) {}
 }
 
 pub enum Registration {
@@ -117,18 +122,8 @@ fn route(tunnels: &HashMap<u64, Arc<dyn DatagramSink>>, dg: Bytes, stats: &Conne
     let Some(sink) = tunnels.get(&qsid) else {
         return stats.drop(DropReason::NoSuchStream);
     };
-    //= https://www.rfc-editor.org/rfc/rfc9298#section-4
-    //# If an HTTP/3 Datagram is received with an unknown Context ID, the
-    //# receiver SHOULD drop it (or buffer it briefly).
-    match datagram::split_context_id(dg.slice(header_len..)) {
-        Ok((datagram::CONTEXT_ID_UDP, payload)) => {
-            let len = payload.len();
-            match sink.deliver(payload) {
-                Ok(()) => stats.rx.record(crate::stats::Encoding::QuicDatagram, len),
-                Err(reason) => stats.drop(reason),
-            }
-        }
-        Ok(_) => stats.drop(DropReason::UnknownContextId),
-        Err(_) => stats.drop(DropReason::Malformed),
+    if let Err(reason) = sink.deliver(dg.slice(header_len..)) {
+        stats.drop(reason);
+        sink.dropped(reason);
     }
 }

@@ -13,10 +13,11 @@ use h3::server::RequestStream;
 use http::{Response, StatusCode};
 use tokio::task::JoinSet;
 
+use crate::accesslog::{self, AccessLogs, RequestRecord};
 use crate::cluster::{ClusterManager, PickError};
 use crate::decide::{self, Plan};
 use crate::demux::{self, RegistrationGuard, Registry};
-use crate::shutdown::{Shutdown, Waiter};
+use crate::shutdown::{ConnectionCount, Drain, Shutdown, Waiter};
 use crate::stats::{GaugeGuard, HttpStats};
 use crate::tunnel::{self, H3Downstream, TunnelShared};
 
@@ -28,6 +29,14 @@ pub struct ListenerCtx {
     pub clusters: Arc<ArcSwap<ClusterManager>>,
     pub stats: HttpStats,
     pub shutdown: Shutdown,
+    /// Draining: refuse new connections, GOAWAY on open ones.
+    pub drain: Drain,
+    /// Open connections of the whole server (a drain waits for the last one).
+    pub connections: ConnectionCount,
+    /// The HCM's `access_log[]`.
+    pub access_logs: AccessLogs,
+    /// The bound address (set once bound).
+    pub local_addr: std::sync::OnceLock<SocketAddr>,
 }
 
 pub struct H3Listener {
@@ -60,18 +69,32 @@ impl H3Listener {
         })
     }
 
-    /// Accept connections until shutdown, then close the endpoint.
+    /// Accept connections until shutdown, then close the endpoint. Once draining, new
+    /// connections are refused (QUIC CONNECTION_REFUSED) while open ones are served.
     pub async fn serve(self, mut shutdown: Waiter) {
         let mut conns = JoinSet::new();
+        let mut drain = self.ctx.drain.subscribe();
+        let mut draining = false;
         loop {
             tokio::select! {
                 incoming = self.endpoint.accept() => match incoming {
+                    Some(incoming) if draining => {
+                        if let Some(l) = &self.ctx.stats.listener {
+                            l.downstream_cx_refused_draining.inc();
+                        }
+                        incoming.refuse();
+                    }
                     Some(incoming) => {
                         let ctx = self.ctx.clone();
-                        conns.spawn(async move { handle_connection(incoming, ctx).await });
+                        let open = ctx.connections.open();
+                        conns.spawn(async move {
+                            handle_connection(incoming, ctx).await;
+                            drop(open);
+                        });
                     }
                     None => break,
                 },
+                _ = drain.wait(), if !draining => draining = true,
                 Some(res) = conns.join_next(), if !conns.is_empty() => {
                     if let Err(e) = res {
                         if e.is_panic() {
@@ -97,8 +120,7 @@ async fn handle_connection(incoming: quinn::Incoming, ctx: Arc<ListenerCtx>) {
         }
     };
     let stats = &ctx.stats;
-    stats.downstream_cx_total.inc();
-    let _active = GaugeGuard::new(&stats.downstream_cx_active);
+    let _cx = stats.connection();
     let allow_extended_connect = ctx.hcm.load().allow_extended_connect;
     let h3_conn = h3::server::builder()
         //= https://www.rfc-editor.org/rfc/rfc9220#section-3
@@ -119,8 +141,16 @@ async fn handle_connection(incoming: quinn::Incoming, ctx: Arc<ListenerCtx>) {
         }
     };
     let registry = demux::spawn(conn.clone(), stats.connect_udp.clone());
+    let peer = h3_conn.inner.shared.clone();
     let mut requests = JoinSet::new();
     let shutdown = ctx.shutdown.subscribe();
+    let mut drain = ctx.drain.subscribe();
+    let mut draining = false;
+    let local = ctx
+        .local_addr
+        .get()
+        .copied()
+        .unwrap_or(([0, 0, 0, 0], 0).into());
     loop {
         tokio::select! {
             accepted = h3_conn.accept() => match accepted {
@@ -129,10 +159,18 @@ async fn handle_connection(incoming: quinn::Incoming, ctx: Arc<ListenerCtx>) {
                     let conn = conn.clone();
                     let registry = registry.clone();
                     let shutdown = shutdown.clone();
+                    let peer = peer.clone();
                     requests.spawn(async move {
                         match resolver.resolve_request().await {
                             Ok((req, stream)) => {
-                                handle_request(req, stream, &ctx, conn, registry, shutdown).await
+                                let rq = ctx.stats.request();
+                                let keep_headers = !ctx.access_logs.is_empty();
+                                let record = RequestRecord::new(&req, &conn, local, keep_headers);
+                                let record = Arc::new(std::sync::Mutex::new(record));
+                                let down = crate::forward::Downstream { stream, conn, registry, peer };
+                                accesslog::scope(record.clone(), handle_request(req, down, &ctx, shutdown)).await;
+                                accesslog::finish(&ctx.stats, &ctx.access_logs, &record);
+                                drop(rq);
                             }
                             Err(e) => tracing::debug!("bad request: {e}"),
                         }
@@ -150,11 +188,30 @@ async fn handle_connection(incoming: quinn::Incoming, ctx: Arc<ListenerCtx>) {
                         tracing::error!("request task panicked: {e}");
                     }
                 }
+                if draining && requests.is_empty() {
+                    break;
+                }
+            }
+            _ = drain.wait(), if !draining => {
+                draining = true;
+                stats.downstream_cx_drain_close.inc();
+                //= https://www.rfc-editor.org/rfc/rfc9114#section-5.2
+                //# An endpoint that is attempting to gracefully shut down a connection can
+                //# send a GOAWAY frame.
+                // Requests already accepted (tunnels) go on; later ones are refused with
+                // H3_REQUEST_REJECTED.
+                let _ = h3_conn.shutdown(0).await;
+                if requests.is_empty() {
+                    break;
+                }
             }
         }
     }
     // Let running tunnels finish; the connection is kept while they run.
     while requests.join_next().await.is_some() {}
+    if draining {
+        conn.close(quinn::VarInt::from_u32(0x100), b"drained");
+    }
 }
 
 fn header_str<'a>(req: &'a http::Request<()>, name: &str) -> Option<&'a str> {
@@ -163,10 +220,8 @@ fn header_str<'a>(req: &'a http::Request<()>, name: &str) -> Option<&'a str> {
 
 async fn handle_request(
     req: http::Request<()>,
-    stream: H3Stream,
+    down: crate::forward::Downstream,
     ctx: &ListenerCtx,
-    conn: quinn::Connection,
-    registry: Registry,
     shutdown: Waiter,
 ) {
     let hcm = ctx.hcm.load_full();
@@ -188,14 +243,31 @@ async fn handle_request(
     tracing::debug!(method = head.method, path = ?head.path, authority = ?head.authority, ?plan, "request");
     let result = match plan {
         Ok(Plan::Terminate { cluster, target: _ }) => {
-            terminate(stream, &hcm, ctx, &cluster, conn, registry, shutdown).await
+            terminate(
+                down.stream,
+                &hcm,
+                ctx,
+                &cluster,
+                down.conn,
+                down.registry,
+                shutdown,
+            )
+            .await
         }
-        Err(rejection) => Err((stream, rejection)),
+        Ok(Plan::Forward { cluster, authority }) => {
+            crate::forward::forward_h3(down, &req, &cluster, authority.as_deref(), ctx, shutdown)
+                .await
+        }
+        Err(rejection) => Err((down.stream, rejection)),
     };
     if let Err((mut stream, rejection)) = result {
         if is_connect_udp {
             ctx.stats.connect_udp.rejected(rejection.status);
+            ctx.stats
+                .connect_udp
+                .rejected_because(rejection.error.unwrap_or("other"));
         }
+        accesslog::note(|r| r.rejected(&rejection));
         respond_error(&mut stream, &rejection, &ctx.stats).await;
     }
 }
@@ -251,6 +323,13 @@ async fn terminate(
         Some(c) => c.pick(),
         None => Err(PickError::NoSuchCluster),
     };
+    if picked.is_err() {
+        ctx.stats
+            .clusters
+            .get(cluster)
+            .upstream_cx_none_healthy
+            .inc();
+    }
     let addr = match picked {
         Ok(a) => a,
         Err(PickError::Dns(e)) => {
@@ -273,6 +352,11 @@ async fn terminate(
     let udp = match tunnel::connect_udp(addr) {
         Ok(u) => u,
         Err(e) => {
+            ctx.stats
+                .clusters
+                .get(cluster)
+                .upstream_cx_connect_fail
+                .inc();
             return Err((
                 stream,
                 decide::reject(
@@ -280,15 +364,18 @@ async fn terminate(
                     Some("destination_unavailable"),
                     format!("cannot open UDP socket to {addr}: {e}"),
                 ),
-            ))
+            ));
         }
     };
     let stats = &ctx.stats.connect_udp;
+    let _upstream = ctx.stats.clusters.get(cluster).socket_opened();
+    let (tunnel_stats, counters) = stats.for_tunnel();
+    accesslog::note(|r| r.tunnel_opened(cluster, addr, udp.local_addr().ok(), &counters));
     let shared = Arc::new(TunnelShared {
         udp,
         active: Default::default(),
         failed: Default::default(),
-        stats: stats.clone(),
+        stats: tunnel_stats,
     });
     let stream_id = stream.send_id().into_inner();
     // Registered before the 200 goes out, so no datagram sent right after it is lost.
@@ -300,14 +387,18 @@ async fn terminate(
     let mut resp = Response::new(());
     resp.headers_mut()
         .insert("capsule-protocol", http::HeaderValue::from_static("?1"));
-    if stream.send_response(resp).await.is_err() {
-        return Ok(());
-    }
+    // Counted before the 200 leaves: whoever has seen the 200 sees the counters too.
     ctx.stats.response(200);
     stats.tunnels_total.inc();
     ctx.stats.downstream_cx_upgrades_total.inc();
     let _tunnel_active = GaugeGuard::new(&stats.tunnels_active);
     let _upgrade_active = GaugeGuard::new(&ctx.stats.downstream_cx_upgrades_active);
+    let resp_headers = resp.headers().clone();
+    if stream.send_response(resp).await.is_err() {
+        accesslog::note(|r| r.tunnel_ended(tunnel::End::ClientGone));
+        return Ok(());
+    }
+    accesslog::note(|r| r.responded(200, &resp_headers));
     tracing::debug!(stream_id, %addr, "tunnel open");
 
     let (send, recv) = stream.split();
@@ -326,6 +417,7 @@ async fn terminate(
     )
     .await;
     tracing::debug!(stream_id, ?end, "tunnel closed");
+    accesslog::note(|r| r.tunnel_ended(end));
     tunnel::close_h3(&mut down, end, stats).await;
     Ok(())
 }

@@ -4,20 +4,25 @@
 //! bootstrap into a validated model; this crate is the tokio runtime: listeners, routing,
 //! tunnels, clusters, stats and the admin endpoint.
 
+pub mod accesslog;
 pub mod admin;
 pub mod cli;
 pub mod client;
 pub mod cluster;
+pub mod config_dump;
 pub mod decide;
 pub mod demux;
+pub mod forward;
 pub mod h3server;
 pub mod quic;
 pub mod router;
 pub mod server;
 pub mod shutdown;
 pub mod stats;
+pub mod stats_render;
 pub mod tls;
 pub mod tunnel;
+pub mod upstream;
 
 /// Ferry's version string.
 pub fn version() -> &'static str {

@@ -8,8 +8,12 @@ use ferry_config::{HttpConnectionManager, Route, RouteMatch, VirtualHost};
 pub enum Decision<'a> {
     /// `connect_config` present on the route: terminate and send UDP to the cluster.
     Terminate { cluster: &'a str },
-    /// CONNECT-UDP allowed, no `connect_config`: forward the request to the cluster.
-    Forward { cluster: &'a str },
+    /// CONNECT-UDP allowed, no `connect_config`: forward the request to the cluster;
+    /// `pass_through` when the route asks for the request to go on unchanged.
+    Forward {
+        cluster: &'a str,
+        pass_through: bool,
+    },
     /// A route matched, but CONNECT-UDP is not enabled on it (Envoy: 403).
     UpgradeNotEnabled,
     /// No virtual host or no route (Envoy: 404).
@@ -104,6 +108,7 @@ pub fn route_connect_udp<'a>(
         return Decision::NoRoute;
     };
     let cluster = route.action.cluster.as_str();
+    let pass_through = route.pass_through;
     match route
         .action
         .upgrade_configs
@@ -112,14 +117,20 @@ pub fn route_connect_udp<'a>(
     {
         Some(u) if !u.enabled => Decision::UpgradeNotEnabled,
         Some(u) if u.connect_config.is_some() => Decision::Terminate { cluster },
-        Some(_) => Decision::Forward { cluster },
+        Some(_) => Decision::Forward {
+            cluster,
+            pass_through,
+        },
         None => {
             if hcm
                 .upgrade_configs
                 .iter()
                 .any(|u| u.upgrade_type == UPGRADE && u.enabled)
             {
-                Decision::Forward { cluster }
+                Decision::Forward {
+                    cluster,
+                    pass_through,
+                }
             } else {
                 Decision::UpgradeNotEnabled
             }
@@ -187,12 +198,14 @@ mod tests {
             allow_extended_connect: true,
             stream_idle_timeout: None,
             http_filters: vec!["envoy.filters.http.router".into()],
+            access_log: vec![],
         }
     }
 
     fn route(matcher: RouteMatch, upgrades: Vec<RouteUpgradeConfig>) -> Route {
         Route {
             name: None,
+            pass_through: false,
             matcher,
             action: RouteAction {
                 cluster: "c".into(),
@@ -235,7 +248,10 @@ mod tests {
         );
         assert_eq!(
             route_connect_udp(&h, "foo.lyft.com:80", p),
-            Decision::Forward { cluster: "c" }
+            Decision::Forward {
+                cluster: "c",
+                pass_through: false
+            }
         );
         let h = hcm(
             vec![route(RouteMatch::Connect, vec![up(false, true)])],
@@ -259,7 +275,10 @@ mod tests {
         );
         assert_eq!(
             route_connect_udp(&h, "foo.lyft.com:80", p),
-            Decision::Forward { cluster: "c" }
+            Decision::Forward {
+                cluster: "c",
+                pass_through: false
+            }
         );
         let h = hcm(
             vec![route(

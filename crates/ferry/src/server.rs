@@ -1,6 +1,11 @@
 //! Building and running a server from a validated bootstrap: bind everything first (so
 //! errors surface before anything is served and tests can bind port 0), then serve until
 //! shutdown.
+//!
+//! Drain (SIGTERM, or the admin's `POST /drain_listeners`): every listener refuses new
+//! QUIC connections and sends GOAWAY on each open one; open tunnels keep working. After a
+//! SIGTERM the server exits once the last connection has closed, or when `--drain-time-s`
+//! has passed (then the remaining tunnels are closed), whichever comes first.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,14 +16,21 @@ use arc_swap::ArcSwap;
 use ferry_config::{Bootstrap, CodecType, SocketProtocol};
 use tokio::task::JoinSet;
 
+use crate::accesslog::{AccessLogs, Destinations};
 use crate::admin::AdminServer;
 use crate::cluster::ClusterManager;
 use crate::h3server::{H3Listener, ListenerCtx};
-use crate::shutdown::Shutdown;
-use crate::stats::{HttpStats, Store};
+use crate::shutdown::{ConnectionCount, Drain, Shutdown, Signal};
+use crate::stats::{listener_stat_name, ClusterStatsMap, HttpStats, ServerStats, Store};
 
 /// How long start-up waits for the first DNS answers before serving anyway.
 const INITIAL_DNS_WAIT: Duration = Duration::from_secs(10);
+
+/// Envoy's stats flush interval: histograms start a new "interval" this often.
+const STATS_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How long exit waits for the access log writers to write out what is queued.
+const ACCESS_LOG_CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// One bound listener, as the admin endpoint reports it.
 #[derive(Debug, Clone)]
@@ -28,15 +40,114 @@ pub struct BoundListener {
     pub protocol: SocketProtocol,
 }
 
+/// Process options that are not in the bootstrap (the command line).
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// `--drain-time-s`: how long a drain waits for open tunnels (Envoy's default: 600 s).
+    pub drain_time: Duration,
+    /// For `/server_info`.
+    pub concurrency: Option<usize>,
+    pub config_path: Option<String>,
+    pub log_level: String,
+    pub admin_address_path: Option<String>,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            drain_time: Duration::from_secs(600),
+            concurrency: None,
+            config_path: None,
+            log_level: "info".into(),
+            admin_address_path: None,
+        }
+    }
+}
+
 /// State shared by the whole server: what the admin endpoint reads.
 pub struct ServerState {
     pub bootstrap: ArcSwap<Bootstrap>,
     pub clusters: Arc<ArcSwap<ClusterManager>>,
     pub stats: Arc<Store>,
+    pub server_stats: ServerStats,
     pub listeners: Vec<BoundListener>,
     pub ready: AtomicBool,
+    /// `POST /healthcheck/fail` (cleared by `/healthcheck/ok`).
+    pub health_check_failed: AtomicBool,
     pub shutdown: Shutdown,
+    pub drain: Drain,
+    /// Set with a drain that ends the process (SIGTERM).
+    pub exit_after_drain: Signal,
+    /// Open downstream connections, all listeners together.
+    pub connections: ConnectionCount,
+    pub options: ServerOptions,
     pub started: std::time::SystemTime,
+    pub access_logs: Arc<Destinations>,
+}
+
+impl ServerState {
+    /// Envoy's server state: `LIVE`, `DRAINING` (draining or failing health checks) or
+    /// `PRE_INITIALIZING` (clusters not resolved yet).
+    pub fn state_name(&self) -> &'static str {
+        if self.drain.is_triggered() || self.health_check_failed.load(Ordering::Relaxed) {
+            "DRAINING"
+        } else if self.ready.load(Ordering::Relaxed) {
+            "LIVE"
+        } else {
+            "PRE_INITIALIZING"
+        }
+    }
+
+    /// Stop accepting on every listener and send GOAWAY on every connection; open
+    /// tunnels keep working. Idempotent.
+    pub fn start_drain(&self, why: &str) {
+        if self.drain.is_triggered() {
+            return;
+        }
+        tracing::info!(
+            reason = why,
+            connections = self.connections.get(),
+            "draining listeners: new connections are refused, open tunnels continue"
+        );
+        let n = self.listeners.len() as i64;
+        self.server_stats.listener_stopped.add(n as u64);
+        self.server_stats.total_listeners_draining.set(n);
+        self.server_stats.total_listeners_active.set(0);
+        self.drain.trigger();
+    }
+
+    /// Drain, then exit once the last connection is gone or the drain time is over.
+    pub fn drain_and_exit(&self, why: &str) {
+        self.start_drain(why);
+        self.exit_after_drain.trigger();
+    }
+
+    /// Bring the gauges computed from state up to date (before stats are read).
+    pub fn refresh_gauges(&self) {
+        let s = &self.server_stats;
+        let uptime = self.started.elapsed().map(|d| d.as_secs()).unwrap_or(0);
+        s.uptime.set(i64::try_from(uptime).unwrap_or(i64::MAX));
+        let state = match self.state_name() {
+            "LIVE" => 0,
+            "DRAINING" => 1,
+            _ => 2,
+        };
+        s.state.set(state);
+        s.live.set(i64::from(state == 0));
+        s.total_connections
+            .set(i64::try_from(self.connections.get()).unwrap_or(i64::MAX));
+        let clusters = self.clusters.load();
+        for c in clusters.iter() {
+            let hosts = c.hosts().addrs.len() as i64;
+            let name = &c.config.name;
+            self.stats
+                .gauge(&format!("cluster.{name}.membership_total"))
+                .set(hosts);
+            self.stats
+                .gauge(&format!("cluster.{name}.membership_healthy"))
+                .set(hosts);
+        }
+    }
 }
 
 pub struct Server {
@@ -46,13 +157,24 @@ pub struct Server {
 }
 
 impl Server {
-    /// Bind every listener and the admin endpoint. Must run inside a tokio runtime.
+    /// Bind every listener and the admin endpoint, with default options. Must run inside
+    /// a tokio runtime.
     pub fn bind(bootstrap: Bootstrap) -> Result<Self, String> {
+        Self::bind_with(bootstrap, ServerOptions::default())
+    }
+
+    /// Bind every listener and the admin endpoint, and open the access logs.
+    pub fn bind_with(bootstrap: Bootstrap, options: ServerOptions) -> Result<Self, String> {
         let stats = Store::new();
         let clusters = Arc::new(ArcSwap::from_pointee(ClusterManager::new(
             &bootstrap.clusters,
+            &stats,
         )));
         let shutdown = Shutdown::default();
+        let drain = Drain::default();
+        let connections = ConnectionCount::default();
+        let destinations = Destinations::new(&stats);
+        let cluster_stats = Arc::new(ClusterStatsMap::new(&stats));
         let mut h3 = Vec::new();
         let mut bound = Vec::new();
         for l in &bootstrap.listeners {
@@ -66,14 +188,27 @@ impl Server {
                     ))
                 }
             }
+            let access_logs = AccessLogs::open(&hcm.access_log, &destinations)
+                .map_err(|e| format!("listener {}: {e}", l.name))?;
             let ctx = Arc::new(ListenerCtx {
                 name: l.name.clone(),
                 hcm: ArcSwap::from_pointee(hcm.clone()),
                 clusters: clusters.clone(),
-                stats: HttpStats::new(&stats, &hcm.stat_prefix),
+                stats: HttpStats::for_listener(
+                    &stats,
+                    &hcm.stat_prefix,
+                    // Envoy names a listener's stats after its configured address.
+                    &listener_stat_name(l.address),
+                    cluster_stats.clone(),
+                ),
                 shutdown: shutdown.clone(),
+                drain: drain.clone(),
+                connections: connections.clone(),
+                access_logs,
+                local_addr: Default::default(),
             });
-            let listener = H3Listener::bind(l, ctx)?;
+            let listener = H3Listener::bind(l, ctx.clone())?;
+            let _ = ctx.local_addr.set(listener.local_addr);
             bound.push(BoundListener {
                 name: l.name.clone(),
                 local_addr: listener.local_addr,
@@ -85,14 +220,23 @@ impl Server {
             Some(a) => Some(AdminServer::bind(a.address)?),
             None => None,
         };
+        let server_stats = ServerStats::new(&stats);
+        server_stats.state.set(2);
         let state = Arc::new(ServerState {
             bootstrap: ArcSwap::from_pointee(bootstrap),
             clusters,
             stats,
+            server_stats,
             listeners: bound,
             ready: AtomicBool::new(false),
+            health_check_failed: AtomicBool::new(false),
             shutdown,
+            drain,
+            exit_after_drain: Signal::default(),
+            connections,
+            options,
             started: std::time::SystemTime::now(),
+            access_logs: destinations,
         });
         Ok(Server { state, h3, admin })
     }
@@ -101,8 +245,8 @@ impl Server {
         self.admin.as_ref().map(|a| a.local_addr)
     }
 
-    /// Serve until the server's shutdown is triggered (by the caller, a signal handler or
-    /// the admin's `/quitquitquit`).
+    /// Serve until the server's shutdown is triggered (by the caller, `/quitquitquit`, or
+    /// the end of a drain that was asked to exit).
     pub async fn run(self) {
         let state = self.state;
         let shutdown = state.shutdown.clone();
@@ -114,13 +258,60 @@ impl Server {
         clusters.start(&shutdown);
         // Like Envoy's cluster warming: serve once the first DNS answers are in.
         let _ = tokio::time::timeout(INITIAL_DNS_WAIT, clusters.initialized()).await;
+        let listeners = self.h3.len();
         for l in self.h3 {
             tasks.spawn(l.serve(shutdown.subscribe()));
         }
+        if !state.drain.is_triggered() {
+            state
+                .server_stats
+                .total_listeners_active
+                .set(listeners as i64);
+        }
         state.ready.store(true, Ordering::Relaxed);
+        state.refresh_gauges();
         tracing::info!("ferry is ready");
-        shutdown.subscribe().wait().await;
+
+        let mut stop = shutdown.subscribe();
+        let mut exit = state.exit_after_drain.subscribe();
+        let mut exiting = false;
+        let mut flush = tokio::time::interval_at(
+            tokio::time::Instant::now() + STATS_FLUSH_INTERVAL,
+            STATS_FLUSH_INTERVAL,
+        );
+        loop {
+            tokio::select! {
+                _ = stop.wait() => break,
+                _ = exit.wait(), if !exiting => {
+                    exiting = true;
+                    tokio::spawn(finish_drain(state.clone()));
+                }
+                _ = flush.tick() => state.stats.flush_histograms(),
+            }
+        }
         state.ready.store(false, Ordering::Relaxed);
         while tasks.join_next().await.is_some() {}
+        let logs = state.access_logs.clone();
+        let _ = tokio::task::spawn_blocking(move || logs.close(ACCESS_LOG_CLOSE_WAIT)).await;
+        tracing::info!("ferry stopped");
     }
+}
+
+/// The end of a drain that exits: wait for the last connection (or the drain time), then
+/// shut down.
+async fn finish_drain(state: Arc<ServerState>) {
+    let drain_time = state.options.drain_time;
+    tokio::select! {
+        _ = state.connections.wait_zero() => {
+            tracing::info!("drain complete: every connection has closed");
+        }
+        _ = tokio::time::sleep(drain_time) => {
+            tracing::warn!(
+                connections = state.connections.get(),
+                "drain time ({}s) is over: closing the remaining connections",
+                drain_time.as_secs_f64()
+            );
+        }
+    }
+    state.shutdown.trigger();
 }

@@ -1,13 +1,16 @@
-//! Counters and gauges, kept from the start and published by the admin endpoint.
+//! Counters, gauges and histograms, kept from the start and published by the admin endpoint.
 //!
 //! Names follow Envoy where Envoy has the stat (`http.<stat_prefix>.downstream_rq_2xx`,
-//! `downstream_cx_total`, ...). CONNECT-UDP stats, which Envoy lacks, live under
-//! `http.<stat_prefix>.connect_udp.`. A handle (`Counter`, `Gauge`) is resolved once, when a
-//! listener is built; the per-datagram path only does a relaxed atomic add.
+//! `downstream_cx_total`, `listener.<address>.downstream_cx_total`,
+//! `cluster.<name>.upstream_cx_total`, ...). CONNECT-UDP stats, which Envoy lacks, live under
+//! `http.<stat_prefix>.connect_udp.`. A handle (`Counter`, `Gauge`, `Histogram`) is resolved
+//! once, when a listener is built; the per-datagram path only does relaxed atomic adds.
+//! Histograms are recorded per tunnel or per connection, never per datagram.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 /// A monotonically increasing counter.
 #[derive(Clone, Debug, Default)]
@@ -27,21 +30,36 @@ impl Counter {
     }
 }
 
+#[derive(Debug, Default)]
+struct GaugeInner {
+    value: AtomicI64,
+    /// Written at least once (Envoy's `usedonly` shows a gauge that went back to 0).
+    used: AtomicBool,
+}
+
 /// A value that goes up and down (active connections, active tunnels).
 #[derive(Clone, Debug, Default)]
-pub struct Gauge(Arc<AtomicI64>);
+pub struct Gauge(Arc<GaugeInner>);
 
 impl Gauge {
     #[inline]
     pub fn inc(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        self.0.value.fetch_add(1, Ordering::Relaxed);
+        self.0.used.store(true, Ordering::Relaxed);
     }
     #[inline]
     pub fn dec(&self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.value.fetch_sub(1, Ordering::Relaxed);
+    }
+    pub fn set(&self, v: i64) {
+        self.0.value.store(v, Ordering::Relaxed);
+        self.0.used.store(true, Ordering::Relaxed);
     }
     pub fn get(&self) -> i64 {
-        self.0.load(Ordering::Relaxed)
+        self.0.value.load(Ordering::Relaxed)
+    }
+    pub fn used(&self) -> bool {
+        self.0.used.load(Ordering::Relaxed)
     }
 }
 
@@ -62,10 +80,237 @@ impl Drop for GaugeGuard {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Histograms
+
+/// Log-linear buckets with two significant digits, as Envoy's circllhist: a value
+/// `m * 10^e` (`m` in 10..=99) falls in `[m * 10^e, (m + 1) * 10^e)`. Values are integers
+/// (milliseconds or microseconds), so `e` runs from -1 (values 1..=9, exact) to 18.
+const EXPONENTS: usize = 20;
+const LOG_BUCKETS: usize = 1 + EXPONENTS * 90;
+
+/// The bucket bounds Envoy's `/stats/prometheus` uses by default.
+pub const PROMETHEUS_BOUNDS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+/// The quantiles Envoy's `/stats` prints, in percent.
+pub const SUPPORTED_QUANTILES: [f64; 10] =
+    [0.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9, 100.0];
+
+fn log_bucket(v: u64) -> usize {
+    if v == 0 {
+        return 0;
+    }
+    let digits = v.ilog10() as usize; // 0 for 1..=9
+    let (m, e1) = if digits == 0 {
+        (v * 10, 0) // e = -1
+    } else {
+        (v / 10u64.pow(digits as u32 - 1), digits) // e = digits - 1
+    };
+    1 + e1 * 90 + (m as usize - 10)
+}
+
+/// `(lower bound, width)` of a log bucket.
+fn log_bucket_range(i: usize) -> (f64, f64) {
+    if i == 0 {
+        return (0.0, 0.0);
+    }
+    let e1 = (i - 1) / 90;
+    let m = ((i - 1) % 90 + 10) as f64;
+    let scale = 10f64.powi(e1 as i32 - 1);
+    (m * scale, scale)
+}
+
+fn prometheus_slot(v: u64) -> usize {
+    PROMETHEUS_BOUNDS
+        .iter()
+        .position(|&b| v as f64 <= b)
+        .unwrap_or(PROMETHEUS_BOUNDS.len())
+}
+
+/// Non-empty log buckets: `(bucket index, count)`, by index.
+type Sparse = Vec<(usize, u64)>;
+
+#[derive(Debug, Default)]
+struct Interval {
+    /// The cumulative counts at the last flush.
+    at_flush: Sparse,
+    /// What was recorded between the last two flushes.
+    last: Sparse,
+}
+
+#[derive(Debug)]
+struct HistogramInner {
+    buckets: Box<[AtomicU64]>,
+    /// Disjoint counts per Prometheus bound (the last slot is `+Inf`).
+    prometheus: [AtomicU64; PROMETHEUS_BOUNDS.len() + 1],
+    count: AtomicU64,
+    sum: AtomicU64,
+    interval: Mutex<Interval>,
+}
+
+/// A distribution of integer values (durations in ms or µs). Recording is lock-free.
 #[derive(Clone, Debug)]
-enum Metric {
+pub struct Histogram(Arc<HistogramInner>);
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram(Arc::new(HistogramInner {
+            buckets: (0..LOG_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            prometheus: Default::default(),
+            count: AtomicU64::new(0),
+            sum: AtomicU64::new(0),
+            interval: Mutex::new(Interval::default()),
+        }))
+    }
+}
+
+/// Quantiles of one histogram: `None` where nothing was recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistogramSummary {
+    pub interval: Option<Vec<f64>>,
+    pub cumulative: Option<Vec<f64>>,
+    /// Cumulative counts per [`PROMETHEUS_BOUNDS`] entry, then `+Inf`.
+    pub prometheus_buckets: Vec<u64>,
+    pub count: u64,
+    pub sum: u64,
+}
+
+impl Histogram {
+    pub fn record(&self, v: u64) {
+        let h = &self.0;
+        if let Some(b) = h.buckets.get(log_bucket(v)) {
+            b.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(b) = h.prometheus.get(prometheus_slot(v)) {
+            b.fetch_add(1, Ordering::Relaxed);
+        }
+        h.sum.fetch_add(v, Ordering::Relaxed);
+        h.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn record_ms(&self, d: Duration) {
+        self.record(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    }
+
+    pub fn record_us(&self, d: Duration) {
+        self.record(u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    }
+
+    pub fn count(&self) -> u64 {
+        self.0.count.load(Ordering::Relaxed)
+    }
+
+    fn sparse(&self) -> Sparse {
+        self.0
+            .buckets
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| {
+                let n = b.load(Ordering::Relaxed);
+                (n > 0).then_some((i, n))
+            })
+            .collect()
+    }
+
+    /// Start a new interval (Envoy's stats flush): what was recorded since the previous
+    /// flush becomes the "interval" distribution.
+    pub fn flush(&self) {
+        let now = self.sparse();
+        let mut iv = self
+            .0
+            .interval
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let before: HashMap<usize, u64> = iv.at_flush.iter().copied().collect();
+        iv.last = now
+            .iter()
+            .filter_map(|&(i, n)| {
+                let d = n.saturating_sub(before.get(&i).copied().unwrap_or(0));
+                (d > 0).then_some((i, d))
+            })
+            .collect();
+        iv.at_flush = now;
+    }
+
+    pub fn summary(&self) -> HistogramSummary {
+        let cumulative = self.sparse();
+        let interval = self
+            .0
+            .interval
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .last
+            .clone();
+        let mut running = 0;
+        let prometheus_buckets = self
+            .0
+            .prometheus
+            .iter()
+            .map(|b| {
+                running += b.load(Ordering::Relaxed);
+                running
+            })
+            .collect();
+        HistogramSummary {
+            interval: quantiles(&interval),
+            cumulative: quantiles(&cumulative),
+            prometheus_buckets,
+            count: self.count(),
+            sum: self.0.sum.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The [`SUPPORTED_QUANTILES`] of a distribution, or `None` when it is empty. Values in a
+/// bucket are taken as spread evenly over it (a single value reads as the bucket's middle,
+/// as in Envoy).
+fn quantiles(buckets: &[(usize, u64)]) -> Option<Vec<f64>> {
+    let total: u64 = buckets.iter().map(|&(_, n)| n).sum();
+    if total == 0 {
+        return None;
+    }
+    let out = SUPPORTED_QUANTILES
+        .iter()
+        .map(|q| {
+            let rank = q / 100.0 * (total - 1) as f64;
+            let mut before = 0u64;
+            for &(i, n) in buckets {
+                if rank < (before + n) as f64 || before + n == total {
+                    let (lower, width) = log_bucket_range(i);
+                    let within = (rank - before as f64).clamp(0.0, (n - 1) as f64);
+                    return lower + width * (within + 0.5) / n as f64;
+                }
+                before += n;
+            }
+            0.0
+        })
+        .collect();
+    Some(out)
+}
+
+// ---------------------------------------------------------------------------------------
+// The store
+
+/// One stat's handle.
+#[derive(Clone, Debug)]
+pub enum Metric {
     Counter(Counter),
     Gauge(Gauge),
+    Histogram(Histogram),
+}
+
+impl Metric {
+    /// Written since start (Envoy's `usedonly`).
+    pub fn used(&self) -> bool {
+        match self {
+            Metric::Counter(c) => c.get() > 0,
+            Metric::Gauge(g) => g.used(),
+            Metric::Histogram(h) => h.count() > 0,
+        }
+    }
 }
 
 /// The process-wide stat store. Creation takes a lock; updates never do.
@@ -74,7 +319,7 @@ pub struct Store {
     metrics: Mutex<BTreeMap<String, Metric>>,
 }
 
-/// One stat's name and current value, for rendering.
+/// One counter's or gauge's name and current value, for rendering.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Value {
     Counter(u64),
@@ -86,55 +331,98 @@ impl Store {
         Arc::new(Store::default())
     }
 
+    fn get_or_insert(
+        &self,
+        name: &str,
+        pick: impl Fn(&Metric) -> Option<Metric>,
+        make: impl FnOnce() -> Metric,
+    ) -> Metric {
+        let mut m = self.metrics.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(found) = m.get(name).and_then(&pick) {
+            return found;
+        }
+        let made = make();
+        m.insert(name.to_owned(), made.clone());
+        made
+    }
+
     /// The counter called `name`, created at zero the first time.
     pub fn counter(&self, name: &str) -> Counter {
-        let mut m = self.metrics.lock().unwrap_or_else(PoisonError::into_inner);
-        match m.get(name) {
-            Some(Metric::Counter(c)) => c.clone(),
-            _ => {
-                let c = Counter::default();
-                m.insert(name.to_owned(), Metric::Counter(c.clone()));
-                c
-            }
+        let pick = |m: &Metric| match m {
+            Metric::Counter(c) => Some(Metric::Counter(c.clone())),
+            _ => None,
+        };
+        match self.get_or_insert(name, pick, || Metric::Counter(Counter::default())) {
+            Metric::Counter(c) => c,
+            _ => Counter::default(),
         }
     }
 
     /// The gauge called `name`, created at zero the first time.
     pub fn gauge(&self, name: &str) -> Gauge {
-        let mut m = self.metrics.lock().unwrap_or_else(PoisonError::into_inner);
-        match m.get(name) {
-            Some(Metric::Gauge(g)) => g.clone(),
-            _ => {
-                let g = Gauge::default();
-                m.insert(name.to_owned(), Metric::Gauge(g.clone()));
-                g
-            }
+        let pick = |m: &Metric| match m {
+            Metric::Gauge(g) => Some(Metric::Gauge(g.clone())),
+            _ => None,
+        };
+        match self.get_or_insert(name, pick, || Metric::Gauge(Gauge::default())) {
+            Metric::Gauge(g) => g,
+            _ => Gauge::default(),
         }
     }
 
-    /// Every stat, sorted by name.
-    pub fn snapshot(&self) -> Vec<(String, Value)> {
+    /// The histogram called `name`, created empty the first time.
+    pub fn histogram(&self, name: &str) -> Histogram {
+        let pick = |m: &Metric| match m {
+            Metric::Histogram(h) => Some(Metric::Histogram(h.clone())),
+            _ => None,
+        };
+        match self.get_or_insert(name, pick, || Metric::Histogram(Histogram::default())) {
+            Metric::Histogram(h) => h,
+            _ => Histogram::default(),
+        }
+    }
+
+    /// Every stat's handle, sorted by name.
+    pub fn entries(&self) -> Vec<(String, Metric)> {
         let m = self.metrics.lock().unwrap_or_else(PoisonError::into_inner);
-        m.iter()
-            .map(|(k, v)| {
-                let v = match v {
-                    Metric::Counter(c) => Value::Counter(c.get()),
-                    Metric::Gauge(g) => Value::Gauge(g.get()),
-                };
-                (k.clone(), v)
+        m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    /// Every counter and gauge, sorted by name.
+    pub fn snapshot(&self) -> Vec<(String, Value)> {
+        self.entries()
+            .into_iter()
+            .filter_map(|(k, v)| match v {
+                Metric::Counter(c) => Some((k, Value::Counter(c.get()))),
+                Metric::Gauge(g) => Some((k, Value::Gauge(g.get()))),
+                Metric::Histogram(_) => None,
             })
             .collect()
     }
 
-    /// The current value of one stat (tests and the admin endpoint).
+    /// The current value of one counter or gauge (tests and the admin endpoint); for a
+    /// histogram, how many values it holds.
     pub fn value(&self, name: &str) -> Option<u64> {
         let m = self.metrics.lock().unwrap_or_else(PoisonError::into_inner);
         m.get(name).map(|v| match v {
             Metric::Counter(c) => c.get(),
             Metric::Gauge(g) => g.get().max(0) as u64,
+            Metric::Histogram(h) => h.count(),
         })
     }
+
+    /// Start a new histogram interval everywhere (Envoy flushes every 5 s).
+    pub fn flush_histograms(&self) {
+        for (_, m) in self.entries() {
+            if let Metric::Histogram(h) = m {
+                h.flush();
+            }
+        }
+    }
 }
+
+// ---------------------------------------------------------------------------------------
+// CONNECT-UDP
 
 /// Why a datagram was dropped. Every drop is counted under one of these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,10 +441,12 @@ pub enum DropReason {
     BufferFull,
     /// The target-side socket reported an error.
     SocketError,
+    /// A destination policy refused the datagram.
+    Policy,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 7] = [
+    pub const ALL: [DropReason; 8] = [
         DropReason::TooLarge,
         DropReason::UnknownContextId,
         DropReason::UnknownCapsule,
@@ -164,6 +454,7 @@ impl DropReason {
         DropReason::Malformed,
         DropReason::BufferFull,
         DropReason::SocketError,
+        DropReason::Policy,
     ];
 
     pub fn name(self) -> &'static str {
@@ -175,6 +466,7 @@ impl DropReason {
             DropReason::Malformed => "malformed",
             DropReason::BufferFull => "buffer_full",
             DropReason::SocketError => "socket_error",
+            DropReason::Policy => "policy",
         }
     }
 }
@@ -219,20 +511,50 @@ pub enum Encoding {
     Capsule,
 }
 
+/// One tunnel's own totals, for its access log line. Shared by the tunnel's stat handles;
+/// updated with relaxed atomic adds next to the process-wide counters.
+#[derive(Debug, Default)]
+pub struct TunnelCounters {
+    /// UDP payloads from the client (and their bytes).
+    pub rx_datagrams: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    /// UDP payloads to the client (and their bytes).
+    pub tx_datagrams: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    /// Datagrams of this tunnel dropped, whatever the reason.
+    pub dropped: AtomicU64,
+}
+
+impl TunnelCounters {
+    pub fn get(v: &AtomicU64) -> u64 {
+        v.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Rx,
+    Tx,
+}
+
 /// Per-direction datagram and byte counters, split by downstream encoding.
 #[derive(Debug, Clone)]
 pub struct DirectionStats {
     pub datagrams_quic: Counter,
     pub datagrams_capsule: Counter,
     pub bytes: Counter,
+    direction: Direction,
+    tunnel: Option<Arc<TunnelCounters>>,
 }
 
 impl DirectionStats {
-    fn new(store: &Store, prefix: &str, dir: &str) -> Self {
+    fn new(store: &Store, prefix: &str, dir: &str, direction: Direction) -> Self {
         DirectionStats {
             datagrams_quic: store.counter(&format!("{prefix}{dir}_datagrams_quic")),
             datagrams_capsule: store.counter(&format!("{prefix}{dir}_datagrams_capsule")),
             bytes: store.counter(&format!("{prefix}{dir}_bytes")),
+            direction,
+            tunnel: None,
         }
     }
 
@@ -243,19 +565,40 @@ impl DirectionStats {
             Encoding::Capsule => self.datagrams_capsule.inc(),
         }
         self.bytes.add(len as u64);
+        if let Some(t) = &self.tunnel {
+            let (d, b) = match self.direction {
+                Direction::Rx => (&t.rx_datagrams, &t.rx_bytes),
+                Direction::Tx => (&t.tx_datagrams, &t.tx_bytes),
+            };
+            d.fetch_add(1, Ordering::Relaxed);
+            b.fetch_add(len as u64, Ordering::Relaxed);
+        }
     }
 }
 
-/// The stats of one HTTP connection manager (one `stat_prefix`).
+/// The stats of one HTTP connection manager (one `stat_prefix`), as seen from one listener.
 #[derive(Debug, Clone)]
 pub struct HttpStats {
     pub downstream_cx_total: Counter,
     pub downstream_cx_active: Gauge,
+    pub downstream_cx_http3_total: Counter,
+    pub downstream_cx_http3_active: Gauge,
+    pub downstream_cx_destroy: Counter,
+    pub downstream_cx_drain_close: Counter,
+    pub downstream_cx_length_ms: Histogram,
     pub downstream_rq_total: Counter,
+    pub downstream_rq_http3_total: Counter,
+    pub downstream_rq_active: Gauge,
+    pub downstream_rq_completed: Counter,
+    pub downstream_rq_time: Histogram,
     rq_by_class: [Counter; 5],
     pub downstream_cx_upgrades_total: Counter,
     pub downstream_cx_upgrades_active: Gauge,
     pub connect_udp: ConnectUdpStats,
+    /// `listener.<address>.*`, when these stats belong to a bound listener.
+    pub listener: Option<ListenerStats>,
+    /// `cluster.<name>.*` of the clusters tunnels go to.
+    pub clusters: Arc<ClusterStatsMap>,
 }
 
 /// CONNECT-UDP stats (Envoy has none): `http.<stat_prefix>.connect_udp.*`.
@@ -263,6 +606,11 @@ pub struct HttpStats {
 pub struct ConnectUdpStats {
     pub tunnels_total: Counter,
     pub tunnels_active: Gauge,
+    pub tunnels_rejected: Counter,
+    /// Microseconds from the request's headers to the 2xx response.
+    pub tunnel_setup_time_us: Histogram,
+    /// Milliseconds from the 2xx response to the end of the tunnel.
+    pub tunnel_duration_ms: Histogram,
     /// Client to target: UDP payloads received from the client.
     pub rx: DirectionStats,
     /// Target to client: UDP payloads sent to the client.
@@ -272,14 +620,43 @@ pub struct ConnectUdpStats {
     pub upstream_datagrams_rx: Counter,
     drops: [Counter; DropReason::ALL.len()],
     resets: [Counter; ResetReason::ALL.len()],
+    tunnel: Option<Arc<TunnelCounters>>,
     store: Arc<Store>,
-    prefix: String,
+    prefix: Arc<str>,
 }
+
+/// Status codes and RFC 9209 error types Ferry refuses tunnels with; their
+/// `tunnels_rejected_*` counters exist (at zero) from the start.
+const KNOWN_REJECTIONS: [&str; 11] = [
+    "400",
+    "403",
+    "404",
+    "501",
+    "503",
+    "http_request_error",
+    "http_request_denied",
+    "destination_not_found",
+    "destination_unavailable",
+    "dns_error",
+    "proxy_configuration_error",
+];
 
 impl ConnectUdpStats {
     #[inline]
     pub fn drop(&self, reason: DropReason) {
         self.drops[reason as usize].inc();
+        if let Some(t) = &self.tunnel {
+            t.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Count a drop in the tunnel's own totals only (the process-wide counter was counted
+    /// by whoever dropped it).
+    #[inline]
+    pub fn tunnel_dropped(&self) {
+        if let Some(t) = &self.tunnel {
+            t.dropped.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     pub fn reset(&self, reason: ResetReason) {
@@ -290,57 +667,371 @@ impl ConnectUdpStats {
         self.drops[reason as usize].get()
     }
 
-    /// Count a refused tunnel by its status code (`tunnels_rejected_404`, ...).
+    /// Count a refused tunnel by its status code (`tunnels_rejected_404`, ...) and in
+    /// `tunnels_rejected`.
     pub fn rejected(&self, status: u16) {
+        self.tunnels_rejected.inc();
         self.store
             .counter(&format!("{}tunnels_rejected_{status}", self.prefix))
             .inc();
     }
+
+    /// Count a refused tunnel by its RFC 9209 error type (`tunnels_rejected_dns_error`, ...).
+    pub fn rejected_because(&self, error: &str) {
+        let ok = !error.is_empty()
+            && error
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        let reason = if ok { error } else { "other" };
+        self.store
+            .counter(&format!("{}tunnels_rejected_{reason}", self.prefix))
+            .inc();
+    }
+
+    /// A copy of these stats that also counts into one tunnel's own [`TunnelCounters`].
+    pub fn for_tunnel(&self) -> (ConnectUdpStats, Arc<TunnelCounters>) {
+        let counters = Arc::new(TunnelCounters::default());
+        let mut s = self.clone();
+        s.tunnel = Some(counters.clone());
+        s.rx.tunnel = Some(counters.clone());
+        s.tx.tunnel = Some(counters.clone());
+        (s, counters)
+    }
+
+    /// The tunnel's own counters, when these are a tunnel's stats.
+    pub fn tunnel(&self) -> Option<&Arc<TunnelCounters>> {
+        self.tunnel.as_ref()
+    }
 }
 
 impl HttpStats {
+    /// The stats of `stat_prefix`, not tied to a listener.
     pub fn new(store: &Arc<Store>, stat_prefix: &str) -> Self {
+        Self::build(
+            store,
+            stat_prefix,
+            None,
+            Arc::new(ClusterStatsMap::new(store)),
+        )
+    }
+
+    /// The stats of `stat_prefix` on the listener whose stat name is `listener`
+    /// (see [`listener_stat_name`]).
+    pub fn for_listener(
+        store: &Arc<Store>,
+        stat_prefix: &str,
+        listener: &str,
+        clusters: Arc<ClusterStatsMap>,
+    ) -> Self {
+        let l = ListenerStats::new(store, listener, stat_prefix);
+        Self::build(store, stat_prefix, Some(l), clusters)
+    }
+
+    fn build(
+        store: &Arc<Store>,
+        stat_prefix: &str,
+        listener: Option<ListenerStats>,
+        clusters: Arc<ClusterStatsMap>,
+    ) -> Self {
         let p = format!("http.{stat_prefix}.");
         let cu = format!("{p}connect_udp.");
-        let rq = |c: &str| store.counter(&format!("{p}downstream_rq_{c}"));
+        let c = |n: &str| store.counter(&format!("{p}{n}"));
+        let g = |n: &str| store.gauge(&format!("{p}{n}"));
+        let rq = |class: &str| c(&format!("downstream_rq_{class}"));
+        for r in KNOWN_REJECTIONS {
+            store.counter(&format!("{cu}tunnels_rejected_{r}"));
+        }
         HttpStats {
-            downstream_cx_total: store.counter(&format!("{p}downstream_cx_total")),
-            downstream_cx_active: store.gauge(&format!("{p}downstream_cx_active")),
-            downstream_rq_total: store.counter(&format!("{p}downstream_rq_total")),
+            downstream_cx_total: c("downstream_cx_total"),
+            downstream_cx_active: g("downstream_cx_active"),
+            downstream_cx_http3_total: c("downstream_cx_http3_total"),
+            downstream_cx_http3_active: g("downstream_cx_http3_active"),
+            downstream_cx_destroy: c("downstream_cx_destroy"),
+            downstream_cx_drain_close: c("downstream_cx_drain_close"),
+            downstream_cx_length_ms: store.histogram(&format!("{p}downstream_cx_length_ms")),
+            downstream_rq_total: c("downstream_rq_total"),
+            downstream_rq_http3_total: c("downstream_rq_http3_total"),
+            downstream_rq_active: g("downstream_rq_active"),
+            downstream_rq_completed: c("downstream_rq_completed"),
+            downstream_rq_time: store.histogram(&format!("{p}downstream_rq_time")),
             rq_by_class: [rq("1xx"), rq("2xx"), rq("3xx"), rq("4xx"), rq("5xx")],
-            downstream_cx_upgrades_total: store
-                .counter(&format!("{p}downstream_cx_upgrades_total")),
-            downstream_cx_upgrades_active: store
-                .gauge(&format!("{p}downstream_cx_upgrades_active")),
+            downstream_cx_upgrades_total: c("downstream_cx_upgrades_total"),
+            downstream_cx_upgrades_active: g("downstream_cx_upgrades_active"),
             connect_udp: ConnectUdpStats {
                 tunnels_total: store.counter(&format!("{cu}tunnels_total")),
                 tunnels_active: store.gauge(&format!("{cu}tunnels_active")),
-                rx: DirectionStats::new(store, &cu, "downstream_rx"),
-                tx: DirectionStats::new(store, &cu, "downstream_tx"),
+                tunnels_rejected: store.counter(&format!("{cu}tunnels_rejected")),
+                tunnel_setup_time_us: store.histogram(&format!("{cu}tunnel_setup_time_us")),
+                tunnel_duration_ms: store.histogram(&format!("{cu}tunnel_duration_ms")),
+                rx: DirectionStats::new(store, &cu, "downstream_rx", Direction::Rx),
+                tx: DirectionStats::new(store, &cu, "downstream_tx", Direction::Tx),
                 upstream_datagrams_tx: store.counter(&format!("{cu}upstream_datagrams_tx")),
                 upstream_datagrams_rx: store.counter(&format!("{cu}upstream_datagrams_rx")),
                 drops: DropReason::ALL
                     .map(|r| store.counter(&format!("{cu}datagrams_dropped_{}", r.name()))),
                 resets: ResetReason::ALL
                     .map(|r| store.counter(&format!("{cu}streams_reset_{}", r.name()))),
+                tunnel: None,
                 store: store.clone(),
-                prefix: cu,
+                prefix: cu.into(),
             },
+            listener,
+            clusters,
         }
     }
 
-    /// Count a response by status class (`downstream_rq_2xx`, ...).
+    /// Count a response by status class (`downstream_rq_2xx`, ...), here and on the
+    /// listener (`listener.<address>.http.<stat_prefix>.downstream_rq_2xx`).
     pub fn response(&self, status: u16) {
-        self.downstream_rq_total.inc();
         let class = usize::from(status / 100).clamp(1, 5) - 1;
         if let Some(c) = self.rq_by_class.get(class) {
             c.inc();
+        }
+        self.downstream_rq_completed.inc();
+        if let Some(l) = &self.listener {
+            if let Some(c) = l.rq_by_class.get(class) {
+                c.inc();
+            }
+            l.downstream_rq_completed.inc();
+        }
+    }
+
+    /// A new downstream HTTP/3 connection: counted now, and as destroyed (with its
+    /// length) when the guard drops.
+    pub fn connection(&self) -> ConnectionGuard<'_> {
+        self.downstream_cx_total.inc();
+        self.downstream_cx_active.inc();
+        self.downstream_cx_http3_total.inc();
+        self.downstream_cx_http3_active.inc();
+        if let Some(l) = &self.listener {
+            l.downstream_cx_total.inc();
+            l.downstream_cx_active.inc();
+        }
+        ConnectionGuard {
+            stats: self,
+            start: Instant::now(),
+        }
+    }
+
+    /// A new request on a downstream connection: counted now, and its time recorded when
+    /// the guard drops.
+    pub fn request(&self) -> RequestGuard<'_> {
+        self.downstream_rq_total.inc();
+        self.downstream_rq_http3_total.inc();
+        self.downstream_rq_active.inc();
+        RequestGuard {
+            stats: self,
+            start: Instant::now(),
+        }
+    }
+}
+
+/// See [`HttpStats::connection`].
+#[derive(Debug)]
+pub struct ConnectionGuard<'a> {
+    stats: &'a HttpStats,
+    start: Instant,
+}
+
+impl Drop for ConnectionGuard<'_> {
+    fn drop(&mut self) {
+        let s = self.stats;
+        let length = self.start.elapsed();
+        s.downstream_cx_active.dec();
+        s.downstream_cx_http3_active.dec();
+        s.downstream_cx_destroy.inc();
+        s.downstream_cx_length_ms.record_ms(length);
+        if let Some(l) = &s.listener {
+            l.downstream_cx_active.dec();
+            l.downstream_cx_destroy.inc();
+            l.downstream_cx_length_ms.record_ms(length);
+        }
+    }
+}
+
+/// See [`HttpStats::request`].
+#[derive(Debug)]
+pub struct RequestGuard<'a> {
+    stats: &'a HttpStats,
+    start: Instant,
+}
+
+impl RequestGuard<'_> {
+    pub fn start(&self) -> Instant {
+        self.start
+    }
+}
+
+impl Drop for RequestGuard<'_> {
+    fn drop(&mut self) {
+        self.stats.downstream_rq_active.dec();
+        self.stats
+            .downstream_rq_time
+            .record_ms(self.start.elapsed());
+    }
+}
+
+/// `listener.<address>.*`: Envoy's per-listener stats.
+#[derive(Debug, Clone)]
+pub struct ListenerStats {
+    pub downstream_cx_total: Counter,
+    pub downstream_cx_active: Gauge,
+    pub downstream_cx_destroy: Counter,
+    pub downstream_cx_length_ms: Histogram,
+    /// QUIC connection attempts refused (the listener is draining).
+    pub downstream_cx_refused_draining: Counter,
+    pub downstream_rq_completed: Counter,
+    rq_by_class: [Counter; 5],
+}
+
+impl ListenerStats {
+    fn new(store: &Store, listener: &str, stat_prefix: &str) -> Self {
+        let p = format!("listener.{listener}.");
+        let h = format!("{p}http.{stat_prefix}.");
+        let rq = |class: &str| store.counter(&format!("{h}downstream_rq_{class}"));
+        ListenerStats {
+            downstream_cx_total: store.counter(&format!("{p}downstream_cx_total")),
+            downstream_cx_active: store.gauge(&format!("{p}downstream_cx_active")),
+            downstream_cx_destroy: store.counter(&format!("{p}downstream_cx_destroy")),
+            downstream_cx_length_ms: store.histogram(&format!("{p}downstream_cx_length_ms")),
+            downstream_cx_refused_draining: store
+                .counter(&format!("{p}downstream_cx_refused_draining")),
+            downstream_rq_completed: store.counter(&format!("{h}downstream_rq_completed")),
+            rq_by_class: [rq("1xx"), rq("2xx"), rq("3xx"), rq("4xx"), rq("5xx")],
+        }
+    }
+}
+
+/// A listener's name in stats, as Envoy writes it: `127.0.0.1_4433`, `[__1]_4433`.
+pub fn listener_stat_name(addr: std::net::SocketAddr) -> String {
+    match addr {
+        std::net::SocketAddr::V4(a) => format!("{}_{}", a.ip(), a.port()),
+        std::net::SocketAddr::V6(a) => {
+            format!("[{}]_{}", a.ip().to_string().replace(':', "_"), a.port())
+        }
+    }
+}
+
+/// `cluster.<name>.*` for clusters that receive terminated UDP: one connected UDP socket
+/// per tunnel counts as one upstream connection.
+#[derive(Debug, Clone)]
+pub struct ClusterUdpStats {
+    /// UDP sockets opened.
+    pub upstream_cx_total: Counter,
+    pub upstream_cx_active: Gauge,
+    /// A UDP socket could not be opened.
+    pub upstream_cx_connect_fail: Counter,
+    /// No host to pick (no DNS answer yet, or an empty cluster).
+    pub upstream_cx_none_healthy: Counter,
+    /// How long each socket stayed open.
+    pub upstream_cx_length_ms: Histogram,
+    /// Bytes sent to / received from the cluster's hosts, added when each tunnel ends.
+    pub upstream_cx_tx_bytes_total: Counter,
+    pub upstream_cx_rx_bytes_total: Counter,
+}
+
+impl ClusterUdpStats {
+    fn new(store: &Store, cluster: &str) -> Self {
+        let c = |n: &str| store.counter(&format!("cluster.{cluster}.{n}"));
+        ClusterUdpStats {
+            upstream_cx_total: c("upstream_cx_total"),
+            upstream_cx_active: store.gauge(&format!("cluster.{cluster}.upstream_cx_active")),
+            upstream_cx_connect_fail: c("upstream_cx_connect_fail"),
+            upstream_cx_none_healthy: c("upstream_cx_none_healthy"),
+            upstream_cx_length_ms: store
+                .histogram(&format!("cluster.{cluster}.upstream_cx_length_ms")),
+            upstream_cx_tx_bytes_total: c("upstream_cx_tx_bytes_total"),
+            upstream_cx_rx_bytes_total: c("upstream_cx_rx_bytes_total"),
+        }
+    }
+
+    /// One UDP socket opened: counted now, closed (with its length) when the guard drops.
+    pub fn socket_opened(&self) -> UpstreamGuard {
+        self.upstream_cx_total.inc();
+        self.upstream_cx_active.inc();
+        UpstreamGuard {
+            stats: self.clone(),
+            start: Instant::now(),
+        }
+    }
+}
+
+/// See [`ClusterUdpStats::socket_opened`].
+#[derive(Debug)]
+pub struct UpstreamGuard {
+    stats: ClusterUdpStats,
+    start: Instant,
+}
+
+impl Drop for UpstreamGuard {
+    fn drop(&mut self) {
+        self.stats.upstream_cx_active.dec();
+        self.stats
+            .upstream_cx_length_ms
+            .record_ms(self.start.elapsed());
+    }
+}
+
+/// The [`ClusterUdpStats`] of every cluster, made on first use.
+#[derive(Debug)]
+pub struct ClusterStatsMap {
+    store: Arc<Store>,
+    map: Mutex<HashMap<String, ClusterUdpStats>>,
+}
+
+impl ClusterStatsMap {
+    pub fn new(store: &Arc<Store>) -> Self {
+        ClusterStatsMap {
+            store: store.clone(),
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The stats of `cluster` (one lock per tunnel, never per datagram).
+    pub fn get(&self, cluster: &str) -> ClusterUdpStats {
+        let mut m = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(s) = m.get(cluster) {
+            return s.clone();
+        }
+        let s = ClusterUdpStats::new(&self.store, cluster);
+        m.insert(cluster.to_owned(), s.clone());
+        s
+    }
+}
+
+/// `server.*` and `listener_manager.*`: the process's own state.
+#[derive(Debug, Clone)]
+pub struct ServerStats {
+    /// 1 while the server is live (not draining, health checks passing).
+    pub live: Gauge,
+    /// Envoy's values: 0 LIVE, 1 DRAINING, 2 PRE_INITIALIZING, 3 INITIALIZING.
+    pub state: Gauge,
+    /// Seconds since start, updated when stats are read.
+    pub uptime: Gauge,
+    pub total_connections: Gauge,
+    pub total_listeners_active: Gauge,
+    pub total_listeners_draining: Gauge,
+    /// Listeners drained by `/drain_listeners` or a signal.
+    pub listener_stopped: Counter,
+}
+
+impl ServerStats {
+    pub fn new(store: &Store) -> Self {
+        ServerStats {
+            live: store.gauge("server.live"),
+            state: store.gauge("server.state"),
+            uptime: store.gauge("server.uptime"),
+            total_connections: store.gauge("server.total_connections"),
+            total_listeners_active: store.gauge("listener_manager.total_listeners_active"),
+            total_listeners_draining: store.gauge("listener_manager.total_listeners_draining"),
+            listener_stopped: store.counter("listener_manager.listener_stopped"),
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -360,6 +1051,8 @@ mod tests {
         h.response(404);
         h.connect_udp.drop(DropReason::UnknownContextId);
         h.connect_udp.rejected(404);
+        h.connect_udp.rejected_because("destination_not_found");
+        h.connect_udp.rejected_because("Bad Token");
         assert_eq!(s.value("http.ingress_http.downstream_rq_4xx"), Some(1));
         assert_eq!(
             s.value("http.ingress_http.connect_udp.datagrams_dropped_unknown_context_id"),
@@ -369,10 +1062,154 @@ mod tests {
             s.value("http.ingress_http.connect_udp.tunnels_rejected_404"),
             Some(1)
         );
+        assert_eq!(
+            s.value("http.ingress_http.connect_udp.tunnels_rejected_destination_not_found"),
+            Some(1)
+        );
+        assert_eq!(
+            s.value("http.ingress_http.connect_udp.tunnels_rejected_other"),
+            Some(1)
+        );
+        assert_eq!(
+            s.value("http.ingress_http.connect_udp.tunnels_rejected"),
+            Some(1)
+        );
         let _g = GaugeGuard::new(&h.connect_udp.tunnels_active);
         assert_eq!(
             s.value("http.ingress_http.connect_udp.tunnels_active"),
             Some(1)
+        );
+    }
+
+    #[test]
+    fn tunnel_counters_follow_the_tunnel_only() {
+        let s = Store::new();
+        let h = HttpStats::new(&s, "p");
+        let (t1, c1) = h.connect_udp.for_tunnel();
+        let (t2, c2) = h.connect_udp.for_tunnel();
+        t1.rx.record(Encoding::QuicDatagram, 10);
+        t1.rx.record(Encoding::Capsule, 5);
+        t1.tx.record(Encoding::Capsule, 7);
+        t1.drop(DropReason::TooLarge);
+        t2.tx.record(Encoding::QuicDatagram, 1);
+        h.connect_udp.rx.record(Encoding::QuicDatagram, 100);
+        let g = TunnelCounters::get;
+        assert_eq!((g(&c1.rx_datagrams), g(&c1.rx_bytes)), (2, 15));
+        assert_eq!((g(&c1.tx_datagrams), g(&c1.tx_bytes)), (1, 7));
+        assert_eq!(g(&c1.dropped), 1);
+        assert_eq!((g(&c2.rx_datagrams), g(&c2.tx_datagrams)), (0, 1));
+        assert_eq!(
+            s.value("http.p.connect_udp.downstream_rx_datagrams_quic"),
+            Some(2)
+        );
+        assert_eq!(s.value("http.p.connect_udp.downstream_rx_bytes"), Some(115));
+        assert_eq!(
+            s.value("http.p.connect_udp.datagrams_dropped_too_large"),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn log_buckets_have_two_significant_digits() {
+        assert_eq!(log_bucket(0), 0);
+        for v in [
+            1u64,
+            4,
+            9,
+            10,
+            29,
+            99,
+            100,
+            101,
+            2500,
+            2509,
+            123_456,
+            u64::MAX,
+        ] {
+            let (lower, width) = log_bucket_range(log_bucket(v));
+            assert!(
+                lower <= v as f64 && (v as f64) < lower + width * 1.000001,
+                "{v}: [{lower}, {})",
+                lower + width
+            );
+        }
+        assert_eq!(log_bucket_range(log_bucket(4)), (4.0, 0.1));
+        assert_eq!(log_bucket_range(log_bucket(29)), (29.0, 1.0));
+        assert!(log_bucket(u64::MAX) < LOG_BUCKETS);
+    }
+
+    /// A single value reads as its bucket's middle, as Envoy prints it (4 -> 4.05, 29 -> 29.5).
+    #[test]
+    fn quantiles_of_one_value() {
+        let h = Histogram::default();
+        h.record(29);
+        let s = h.summary();
+        assert_eq!(s.cumulative, Some(vec![29.5; 10]));
+        assert_eq!(s.interval, None);
+        h.flush();
+        assert_eq!(h.summary().interval, Some(vec![29.5; 10]));
+        h.flush();
+        assert_eq!(
+            h.summary().interval,
+            None,
+            "nothing new since the last flush"
+        );
+        assert_eq!(h.summary().cumulative, Some(vec![29.5; 10]));
+    }
+
+    #[test]
+    fn quantiles_are_ordered_and_bounded() {
+        let h = Histogram::default();
+        for v in 1..=1000u64 {
+            h.record(v);
+        }
+        let q = h.summary().cumulative.unwrap();
+        assert!(q.windows(2).all(|w| w[0] <= w[1]), "{q:?}");
+        assert!(q[0] >= 1.0 && q[0] < 1.1, "{q:?}");
+        assert!((q[2] - 500.0).abs() < 10.0, "{q:?}");
+        // 1000 is alone in [1000, 1100): read as its middle, as Envoy does.
+        assert_eq!(q[9], 1050.0, "{q:?}");
+        let s = h.summary();
+        assert_eq!(s.count, 1000);
+        assert_eq!(s.sum, 500_500);
+        // Exact Prometheus buckets: v <= 0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000.
+        assert_eq!(
+            &s.prometheus_buckets[..11],
+            &[0, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 1000]
+        );
+        assert_eq!(*s.prometheus_buckets.last().unwrap(), 1000);
+    }
+
+    #[test]
+    fn used_only_tracks_writes() {
+        let s = Store::new();
+        let g = s.gauge("g");
+        let c = s.counter("c");
+        let h = s.histogram("h");
+        let used = |s: &Store| {
+            s.entries()
+                .into_iter()
+                .filter(|(_, m)| m.used())
+                .map(|(n, _)| n)
+                .collect::<Vec<_>>()
+        };
+        assert!(used(&s).is_empty());
+        g.inc();
+        g.dec();
+        c.inc();
+        h.record(0);
+        assert_eq!(used(&s), vec!["c", "g", "h"]);
+    }
+
+    #[test]
+    fn listener_names_follow_envoy() {
+        assert_eq!(
+            listener_stat_name("127.0.0.1:4433".parse().unwrap()),
+            "127.0.0.1_4433"
+        );
+        assert_eq!(
+            listener_stat_name("[::1]:443".parse().unwrap()),
+            "[__1]_443"
         );
     }
 }

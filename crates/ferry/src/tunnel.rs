@@ -76,8 +76,17 @@ pub struct TunnelShared {
 
 impl DatagramSink for TunnelShared {
     #[inline]
-    fn deliver(&self, payload: Bytes) -> Result<(), DropReason> {
+    fn deliver(&self, http_datagram_payload: Bytes) -> Result<(), DropReason> {
+        //= https://www.rfc-editor.org/rfc/rfc9298#section-4
+        //# If an HTTP/3 Datagram is received with an unknown Context ID, the
+        //# receiver SHOULD drop it (or buffer it briefly).
+        let payload = match datagram::split_context_id(http_datagram_payload) {
+            Ok((datagram::CONTEXT_ID_UDP, payload)) => payload,
+            Ok(_) => return Err(DropReason::UnknownContextId),
+            Err(_) => return Err(DropReason::Malformed),
+        };
         self.active.store(true, Ordering::Relaxed);
+        self.stats.rx.record(Encoding::QuicDatagram, payload.len());
         match self.udp.try_send(&payload) {
             Ok(_) => {
                 self.stats.upstream_datagrams_tx.inc();
@@ -92,6 +101,10 @@ impl DatagramSink for TunnelShared {
                 Err(DropReason::SocketError)
             }
         }
+    }
+
+    fn dropped(&self, _reason: DropReason) {
+        self.stats.tunnel_dropped();
     }
 }
 

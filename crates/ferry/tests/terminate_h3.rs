@@ -28,9 +28,16 @@ async fn datagram_mode_round_trip() {
         assert_eq!(&got[..], &payload[..]);
     }
     assert_eq!(target.seen().len(), 20);
-    assert_eq!(proxy.stat(&format!("{P}downstream_rx_datagrams_quic")), 20);
-    assert_eq!(proxy.stat(&format!("{P}downstream_tx_datagrams_quic")), 20);
-    assert_eq!(proxy.stat(&format!("{P}upstream_datagrams_tx")), 20);
+    // Counters are updated right after each send, which the echo can overtake: wait.
+    proxy
+        .wait_stat(&format!("{P}downstream_rx_datagrams_quic"), 20)
+        .await;
+    proxy
+        .wait_stat(&format!("{P}downstream_tx_datagrams_quic"), 20)
+        .await;
+    proxy
+        .wait_stat(&format!("{P}upstream_datagrams_tx"), 20)
+        .await;
     assert_eq!(proxy.stat(&format!("{P}tunnels_total")), 1);
     assert_eq!(proxy.stat("http.ingress_http.downstream_rq_2xx"), 1);
 }

@@ -205,6 +205,31 @@ impl Proxy {
         let bootstrap = ferry_config::load_str(yaml, ferry_config::Format::Yaml)
             .unwrap_or_else(|e| panic!("config: {e}\n{yaml}"));
         let server = Server::bind(bootstrap).unwrap();
+        Self::run(server, cert).await
+    }
+
+    /// Start on a fixed port that a stopped proxy may still hold for a moment: retry the
+    /// bind until the port is free (bounded by the deadline).
+    pub async fn start_when_port_free(yaml: &str, cert: TestCert) -> Proxy {
+        let bootstrap = ferry_config::load_str(yaml, ferry_config::Format::Yaml)
+            .unwrap_or_else(|e| panic!("config: {e}\n{yaml}"));
+        let server = tokio::time::timeout(DEADLINE, async {
+            loop {
+                match Server::bind(bootstrap.clone()) {
+                    Ok(s) => return s,
+                    Err(e) if e.contains("in use") => {
+                        tokio::time::sleep(Duration::from_millis(20)).await
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        })
+        .await
+        .expect("port never became free");
+        Self::run(server, cert).await
+    }
+
+    async fn run(server: Server, cert: TestCert) -> Proxy {
         let addr = server.state.listeners[0].local_addr;
         let admin = server.admin_addr().unwrap();
         let state = server.state.clone();

@@ -1,0 +1,413 @@
+//! `/config_dump`: the effective configuration (every default applied, every file read) in
+//! Envoy's `ConfigDump` shape: a `BootstrapConfigDump` whose `bootstrap` is a valid Envoy
+//! v3 bootstrap (loading it again gives the same configuration, private keys aside), then
+//! the listeners, clusters and routes on their own, as Envoy lists them.
+//!
+//! Private keys are never printed: they read `[redacted]`, as in Envoy.
+
+use std::time::SystemTime;
+
+use ferry_config::{
+    AccessLog, AccessLogSink, Bootstrap, Cluster, CodecType, DiscoveryType, DnsLookupFamily,
+    HttpConnectionManager, JsonTemplate, Listener, LogFormat, Route, RouteMatch, SocketProtocol,
+    UpstreamProtocol,
+};
+use serde_json::{json, Map, Value};
+
+/// What a private key reads as in the dump.
+pub const REDACTED: &str = "[redacted]";
+
+fn duration(d: std::time::Duration) -> String {
+    let nanos = d.subsec_nanos();
+    if nanos == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        let frac = format!("{nanos:09}");
+        format!("{}.{}s", d.as_secs(), frac.trim_end_matches('0'))
+    }
+}
+
+fn socket_address(ip: std::net::IpAddr, port: u16, protocol: Option<&str>) -> Value {
+    let mut sa = json!({"address": ip.to_string(), "port_value": port});
+    if let (Some(p), Some(m)) = (protocol, sa.as_object_mut()) {
+        m.insert("protocol".into(), p.into());
+    }
+    json!({ "socket_address": sa })
+}
+
+fn json_template(t: &JsonTemplate) -> Value {
+    match t {
+        JsonTemplate::Format(t) => Value::String(t.to_string()),
+        JsonTemplate::Number(n) => {
+            if n.fract() == 0.0 && n.abs() < 9.0e15 {
+                Value::from(*n as i64)
+            } else {
+                serde_json::Number::from_f64(*n).map_or(Value::Null, Value::Number)
+            }
+        }
+        JsonTemplate::Bool(b) => Value::Bool(*b),
+        JsonTemplate::Null => Value::Null,
+        JsonTemplate::Object(fields) => Value::Object(
+            fields
+                .iter()
+                .map(|(k, v)| (k.clone(), json_template(v)))
+                .collect(),
+        ),
+    }
+}
+
+fn access_log(a: &AccessLog) -> Value {
+    let log_format = match &a.format {
+        LogFormat::Text {
+            template,
+            omit_empty_values,
+        } => json!({
+            "text_format_source": {"inline_string": template.to_string()},
+            "omit_empty_values": omit_empty_values,
+        }),
+        LogFormat::Json {
+            fields,
+            omit_empty_values,
+        } => json!({
+            "json_format": Value::Object(
+                fields.iter().map(|(k, v)| (k.clone(), json_template(v))).collect()
+            ),
+            "omit_empty_values": omit_empty_values,
+        }),
+    };
+    let (name, type_url, mut config) = match &a.sink {
+        AccessLogSink::File(path) => (
+            "envoy.access_loggers.file",
+            "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            json!({"path": path}),
+        ),
+        AccessLogSink::Stdout => (
+            "envoy.access_loggers.stdout",
+            "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+            json!({}),
+        ),
+        AccessLogSink::Stderr => (
+            "envoy.access_loggers.stderr",
+            "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StderrAccessLog",
+            json!({}),
+        ),
+    };
+    if let Some(m) = config.as_object_mut() {
+        m.insert("log_format".into(), log_format);
+    }
+    let mut typed = Map::new();
+    typed.insert("@type".into(), type_url.into());
+    if let Value::Object(m) = config {
+        typed.extend(m);
+    }
+    json!({"name": name, "typed_config": typed})
+}
+
+fn route(r: &Route) -> Value {
+    let matcher = match &r.matcher {
+        RouteMatch::Connect => json!({"connect_matcher": {}}),
+        RouteMatch::Prefix(p) => json!({"prefix": p}),
+        RouteMatch::Path(p) => json!({"path": p}),
+    };
+    let upgrades: Vec<Value> = r
+        .action
+        .upgrade_configs
+        .iter()
+        .map(|u| {
+            let mut v = json!({"upgrade_type": u.upgrade_type, "enabled": u.enabled});
+            if let (Some(_), Some(m)) = (&u.connect_config, v.as_object_mut()) {
+                m.insert("connect_config".into(), json!({}));
+            }
+            v
+        })
+        .collect();
+    let mut v = json!({
+        "match": matcher,
+        "route": {"cluster": r.action.cluster, "upgrade_configs": upgrades},
+    });
+    if let Some(m) = v.as_object_mut() {
+        if let Some(name) = &r.name {
+            m.insert("name".into(), name.clone().into());
+        }
+        if r.pass_through {
+            m.insert(
+                "metadata".into(),
+                json!({"filter_metadata": {"ferry.connect_udp": {"pass_through": true}}}),
+            );
+        }
+    }
+    v
+}
+
+fn route_config(h: &HttpConnectionManager) -> Value {
+    let vhosts: Vec<Value> = h
+        .route_config
+        .virtual_hosts
+        .iter()
+        .map(|vh| {
+            json!({
+                "name": vh.name,
+                "domains": vh.domains,
+                "routes": vh.routes.iter().map(route).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({"name": h.route_config.name, "virtual_hosts": vhosts})
+}
+
+fn hcm(h: &HttpConnectionManager) -> Value {
+    let codec = match h.codec_type {
+        CodecType::Auto => "AUTO",
+        CodecType::Http1 => "HTTP1",
+        CodecType::Http2 => "HTTP2",
+        CodecType::Http3 => "HTTP3",
+    };
+    let filters: Vec<Value> = h
+        .http_filters
+        .iter()
+        .map(|name| {
+            json!({"name": name, "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+            }})
+        })
+        .collect();
+    json!({
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "codec_type": codec,
+        "stat_prefix": h.stat_prefix,
+        "route_config": route_config(h),
+        "http_filters": filters,
+        "upgrade_configs": h.upgrade_configs.iter()
+            .map(|u| json!({"upgrade_type": u.upgrade_type, "enabled": u.enabled}))
+            .collect::<Vec<_>>(),
+        "http3_protocol_options": {"allow_extended_connect": h.allow_extended_connect},
+        "stream_idle_timeout": duration(h.stream_idle_timeout.unwrap_or_default()),
+        "access_log": h.access_log.iter().map(access_log).collect::<Vec<_>>(),
+    })
+}
+
+fn listener(l: &Listener) -> Value {
+    let protocol = match l.protocol {
+        SocketProtocol::Udp => "UDP",
+        SocketProtocol::Tcp => "TCP",
+    };
+    let mut chain = Map::new();
+    if let Some(tls) = &l.filter_chain.tls {
+        let certs: Vec<Value> = tls
+            .certificates
+            .iter()
+            .map(|c| {
+                json!({
+                    "certificate_chain": {"inline_string": c.certificate_chain_pem},
+                    "private_key": {"inline_string": REDACTED},
+                })
+            })
+            .collect();
+        let (name, type_url) = if l.quic.is_some() {
+            (
+                "envoy.transport_sockets.quic",
+                "type.googleapis.com/envoy.extensions.transport_sockets.quic.v3.QuicDownstreamTransport",
+            )
+        } else {
+            (
+                "envoy.transport_sockets.tls",
+                "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            )
+        };
+        let context = json!({"common_tls_context": {"tls_certificates": certs}});
+        let typed = if l.quic.is_some() {
+            json!({"@type": type_url, "downstream_tls_context": context})
+        } else {
+            let mut m = Map::new();
+            m.insert("@type".into(), type_url.into());
+            if let Value::Object(c) = context {
+                m.extend(c);
+            }
+            Value::Object(m)
+        };
+        chain.insert(
+            "transport_socket".into(),
+            json!({"name": name, "typed_config": typed}),
+        );
+    }
+    chain.insert(
+        "filters".into(),
+        json!([{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": hcm(&l.filter_chain.hcm),
+        }]),
+    );
+    let mut v = json!({
+        "name": l.name,
+        "address": socket_address(l.address.ip(), l.address.port(), Some(protocol)),
+        "filter_chains": [Value::Object(chain)],
+    });
+    if let (Some(_), Some(m)) = (&l.quic, v.as_object_mut()) {
+        m.insert("udp_listener_config".into(), json!({"quic_options": {}}));
+    }
+    v
+}
+
+fn cluster(c: &Cluster) -> Value {
+    let discovery = match c.discovery {
+        DiscoveryType::Static => "STATIC",
+        DiscoveryType::StrictDns => "STRICT_DNS",
+        DiscoveryType::LogicalDns => "LOGICAL_DNS",
+    };
+    let family = match c.dns_lookup_family {
+        DnsLookupFamily::Auto => "AUTO",
+        DnsLookupFamily::V4Only => "V4_ONLY",
+        DnsLookupFamily::V6Only => "V6_ONLY",
+        DnsLookupFamily::V4Preferred => "V4_PREFERRED",
+        DnsLookupFamily::All => "ALL",
+    };
+    let endpoints: Vec<Value> = c
+        .endpoints
+        .iter()
+        .map(|e| {
+            json!({"endpoint": {"address": {"socket_address": {
+                "address": e.address, "port_value": e.port
+            }}}})
+        })
+        .collect();
+    let mut v = json!({
+        "name": c.name,
+        "type": discovery,
+        "dns_lookup_family": family,
+        "dns_refresh_rate": duration(c.dns_refresh_rate),
+        "connect_timeout": duration(c.connect_timeout),
+        "lb_policy": "ROUND_ROBIN",
+        "load_assignment": {
+            "cluster_name": c.name,
+            "endpoints": [{"lb_endpoints": endpoints}],
+        },
+    });
+    if let (Some(up), Some(m)) = (&c.upstream, v.as_object_mut()) {
+        let UpstreamProtocol::Http3 {
+            allow_extended_connect,
+        } = up.protocol;
+        m.insert(
+            "typed_extension_protocol_options".into(),
+            json!({"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http3_protocol_options": {
+                    "allow_extended_connect": allow_extended_connect
+                }},
+            }}),
+        );
+        let mut tls = Map::new();
+        if let Some(sni) = &up.tls.sni {
+            tls.insert("sni".into(), sni.clone().into());
+        }
+        if let Some(ca) = &up.tls.trusted_ca_pem {
+            tls.insert(
+                "common_tls_context".into(),
+                json!({"validation_context": {"trusted_ca": {"inline_string": ca}}}),
+            );
+        }
+        m.insert(
+            "transport_socket".into(),
+            json!({"name": "envoy.transport_sockets.quic", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.quic.v3.QuicUpstreamTransport",
+                "upstream_tls_context": Value::Object(tls),
+            }}),
+        );
+    }
+    v
+}
+
+/// The effective bootstrap in Envoy's v3 shape.
+pub fn bootstrap(b: &Bootstrap) -> Value {
+    let mut v = json!({
+        "static_resources": {
+            "listeners": b.listeners.iter().map(listener).collect::<Vec<_>>(),
+            "clusters": b.clusters.iter().map(cluster).collect::<Vec<_>>(),
+        }
+    });
+    if let (Some(a), Some(m)) = (&b.admin, v.as_object_mut()) {
+        m.insert(
+            "admin".into(),
+            json!({"address": socket_address(a.address.ip(), a.address.port(), None)}),
+        );
+    }
+    v
+}
+
+fn with_type(type_url: &str, inner: Value) -> Value {
+    let mut m = Map::new();
+    m.insert("@type".into(), type_url.into());
+    if let Value::Object(o) = inner {
+        m.extend(o);
+    }
+    Value::Object(m)
+}
+
+/// `/config_dump`: Envoy's `ConfigDump`.
+pub fn config_dump(b: &Bootstrap, loaded: SystemTime) -> Value {
+    let updated = crate::accesslog::strftime("%Y-%m-%dT%H:%M:%E3SZ", loaded);
+    let listeners: Vec<Value> = b
+        .listeners
+        .iter()
+        .map(|l| {
+            json!({
+                "listener": with_type("type.googleapis.com/envoy.config.listener.v3.Listener", listener(l)),
+                "last_updated": updated,
+            })
+        })
+        .collect();
+    let clusters: Vec<Value> = b
+        .clusters
+        .iter()
+        .map(|c| {
+            json!({
+                "cluster": with_type("type.googleapis.com/envoy.config.cluster.v3.Cluster", cluster(c)),
+                "last_updated": updated,
+            })
+        })
+        .collect();
+    let routes: Vec<Value> = b
+        .listeners
+        .iter()
+        .map(|l| {
+            json!({
+                "route_config": with_type(
+                    "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+                    route_config(&l.filter_chain.hcm),
+                ),
+                "last_updated": updated,
+            })
+        })
+        .collect();
+    json!({"configs": [
+        {
+            "@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump",
+            "bootstrap": bootstrap(b),
+            "last_updated": updated,
+        },
+        {
+            "@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump",
+            "static_clusters": clusters,
+        },
+        {
+            "@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump",
+            "static_listeners": listeners,
+        },
+        {
+            "@type": "type.googleapis.com/envoy.admin.v3.RoutesConfigDump",
+            "static_route_configs": routes,
+        },
+    ]})
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(duration(std::time::Duration::from_secs(300)), "300s");
+        assert_eq!(duration(std::time::Duration::from_millis(250)), "0.25s");
+        assert_eq!(duration(std::time::Duration::new(1, 1)), "1.000000001s");
+    }
+}

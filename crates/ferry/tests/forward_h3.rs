@@ -1,0 +1,324 @@
+//! Forwarding CONNECT-UDP to a next hop: client -> Ferry (forward) -> Ferry (terminate) -> target.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::net::SocketAddr;
+
+use ferry::client::Received;
+use ferry::stats::Encoding;
+use support::*;
+
+const FORWARD_ROUTE: &str = r#"
+              - match:
+                  connect_matcher: {}
+                route:
+                  cluster: target
+                  upgrade_configs:
+                  - upgrade_type: CONNECT-UDP
+"#;
+
+const PASS_THROUGH_ROUTE: &str = r#"
+              - match:
+                  prefix: "/"
+                metadata:
+                  filter_metadata:
+                    ferry.connect_udp: { pass_through: true }
+                route:
+                  cluster: target
+                  upgrade_configs:
+                  - upgrade_type: CONNECT-UDP
+"#;
+
+fn indent(pem: &str, n: usize) -> String {
+    let pad = " ".repeat(n);
+    pem.lines().map(|l| format!("{pad}{l}\n")).collect()
+}
+
+/// A cluster that is the next-hop proxy at `next_hop`, over HTTP/3, trusting `ca_pem`.
+fn next_hop_cluster(next_hop: SocketAddr, ca_pem: &str, connect_timeout: &str) -> String {
+    format!(
+        r#"
+  - name: target
+    type: STATIC
+    connect_timeout: {connect_timeout}
+    load_assignment:
+      cluster_name: target
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{ address: {ip}, port_value: {port} }}
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config:
+          http3_protocol_options:
+            allow_extended_connect: true
+    transport_socket:
+      name: envoy.transport_sockets.quic
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.quic.v3.QuicUpstreamTransport
+        upstream_tls_context:
+          sni: localhost
+          common_tls_context:
+            validation_context:
+              trusted_ca:
+                inline_string: |
+{ca}"#,
+        ip = next_hop.ip(),
+        port = next_hop.port(),
+        ca = indent(ca_pem, 18),
+    )
+}
+
+async fn forwarder(next_hop: SocketAddr, next_hop_ca: &str, route: &str) -> Proxy {
+    let cert = test_cert();
+    let spec = BootstrapSpec {
+        routes_yaml: Some(route.into()),
+        cluster_yaml: Some(next_hop_cluster(next_hop, next_hop_ca, "1s")),
+        ..Default::default()
+    };
+    // The target address is unused: the cluster is the next hop.
+    let yaml = bootstrap_yaml(&cert, next_hop, &spec);
+    Proxy::start(&yaml, cert).await
+}
+
+/// client -> A (forward) -> B (terminate) -> echo.
+async fn chain() -> (Proxy, Proxy, EchoTarget) {
+    let (b, target) = start_default().await;
+    let a = forwarder(b.addr, &b.cert.cert_pem, FORWARD_ROUTE).await;
+    (a, b, target)
+}
+
+const P: &str = "http.ingress_http.connect_udp.";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_datagram_mode() {
+    let (a, b, target) = chain().await;
+    let mut client = a.client(true).await;
+    let mut t = client
+        .open(PATH, &[("capsule-protocol", "?1")], false)
+        .await
+        .unwrap();
+    assert_eq!(t.status, 200);
+    assert_eq!(t.headers.get("capsule-protocol").unwrap(), "?1");
+    for i in 0..20u8 {
+        let payload = vec![i; 50 + i as usize];
+        t.send_datagram(&payload).unwrap();
+        let (enc, got) = recv_udp(&mut t).await;
+        assert_eq!(enc, Encoding::QuicDatagram);
+        assert_eq!(&got[..], &payload[..]);
+    }
+    assert_eq!(target.seen().len(), 20);
+    assert_eq!(b.stat(&format!("{P}tunnels_total")), 1);
+    b.wait_stat(&format!("{P}downstream_rx_datagrams_quic"), 20)
+        .await;
+    assert_eq!(a.stat(&format!("{P}tunnels_total")), 1);
+    a.wait_stat(&format!("{P}downstream_rx_datagrams_quic"), 20)
+        .await;
+    a.wait_stat(&format!("{P}downstream_tx_datagrams_quic"), 20)
+        .await;
+    assert_eq!(a.stat("cluster.target.upstream_cx_total"), 1);
+}
+
+/// A client without HTTP/3 datagrams works through the chain: capsules on its stream,
+/// converted to QUIC datagrams where the next hop negotiated them. (Envoy 1.40's chain
+/// returns nothing to such a client.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_capsule_only_client() {
+    let (a, b, target) = chain().await;
+    let mut client = a.client(false).await;
+    let mut t = client.open(PATH, &[], false).await.unwrap();
+    assert_eq!(t.status, 200);
+    for i in 0..5u8 {
+        t.send(&[i; 1000]).await.unwrap();
+        let (enc, got) = recv_udp(&mut t).await;
+        assert_eq!(enc, Encoding::Capsule);
+        assert_eq!(&got[..], &[i; 1000]);
+    }
+    assert_eq!(target.seen().len(), 5);
+    a.wait_stat(&format!("{P}downstream_tx_datagrams_capsule"), 5)
+        .await;
+
+    // A payload too large for a QUIC datagram on the B -> A hop: B uses QUIC datagrams
+    // with A, so it drops the reply and counts it rather than sending a capsule
+    // (RFC 9298 section 6.1). The request direction is a capsule all the way.
+    t.send(&[9u8; 3000]).await.unwrap();
+    let seen = target.wait_for(6).await;
+    assert_eq!(seen[5].len(), 3000);
+    b.wait_stat(&format!("{P}datagrams_dropped_too_large"), 1)
+        .await;
+}
+
+/// Unknown capsule types travel through the forwarder unchanged (RFC 9297 section 3.2);
+/// the terminator drops and counts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_forwards_unknown_capsules() {
+    let (a, b, target) = chain().await;
+    let mut client = a.client(true).await;
+    let mut t = client.open(PATH, &[], false).await.unwrap();
+    t.send_any_capsule(0x2a, b"extension").await.unwrap();
+    t.send_capsule(0, b"after").await.unwrap();
+    let seen = target.wait_for(1).await;
+    assert_eq!(&seen[0][..], b"after");
+    b.wait_stat(&format!("{P}datagrams_dropped_unknown_capsule"), 1)
+        .await;
+    assert_eq!(a.stat(&format!("{P}datagrams_dropped_unknown_capsule")), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_share_one_upstream_connection() {
+    let (a, b, _target) = chain().await;
+    let mut clients = Vec::new();
+    let mut tunnels = Vec::new();
+    for _ in 0..3 {
+        let mut c = a.client(true).await;
+        for _ in 0..4 {
+            tunnels.push(c.open(PATH, &[], false).await.unwrap());
+        }
+        clients.push(c);
+    }
+    for (i, t) in tunnels.iter().enumerate() {
+        t.send_datagram(&[i as u8; 10]).unwrap();
+    }
+    for (i, t) in tunnels.iter_mut().enumerate() {
+        let (_, got) = recv_udp(t).await;
+        assert_eq!(&got[..], &[i as u8; 10], "tunnel {i}");
+    }
+    assert_eq!(a.stat("http.ingress_http.downstream_cx_total"), 3);
+    assert_eq!(a.stat("cluster.target.upstream_cx_total"), 1);
+    assert_eq!(b.stat("http.ingress_http.downstream_cx_total"), 1);
+    assert_eq!(b.stat(&format!("{P}tunnels_active")), 12);
+}
+
+/// The next hop is down: a quick 5xx with a proxy-status that says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn next_hop_down_is_a_quick_5xx() {
+    let nothing = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let cert = test_cert();
+    let a = forwarder(nothing, &cert.cert_pem, FORWARD_ROUTE).await;
+    let mut client = a.client(true).await;
+    let started = std::time::Instant::now();
+    let t = client.open(PATH, &[], false).await.unwrap();
+    assert!((500..600).contains(&t.status.as_u16()), "{}", t.status);
+    let ps = proxy_status(&t);
+    assert!(
+        ps.contains("connection_timeout") || ps.contains("connection_refused"),
+        "{ps}"
+    );
+    // Bounded by the cluster's connect_timeout (1s), not a transport idle timeout.
+    assert!(started.elapsed() < DEADLINE);
+    assert_eq!(a.stat("cluster.target.upstream_cx_connect_fail"), 1);
+}
+
+/// The next hop resets the stream mid-tunnel: the client's stream is reset too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn next_hop_reset_resets_the_client_stream() {
+    let target = EchoTarget::start().await;
+    let cert = test_cert();
+    let spec = BootstrapSpec {
+        stream_idle_timeout: Some("0.3s".into()),
+        ..Default::default()
+    };
+    let b = Proxy::start(&bootstrap_yaml(&cert, target.addr, &spec), cert).await;
+    let a = forwarder(b.addr, &b.cert.cert_pem, FORWARD_ROUTE).await;
+    let mut client = a.client(true).await;
+    let mut t = client.open(PATH, &[], false).await.unwrap();
+    t.send_datagram(b"one").unwrap();
+    recv_udp(&mut t).await;
+    // B's idle timeout resets its stream; A must carry that to the client.
+    match recv_end(&mut t).await {
+        Received::Reset(_) => {}
+        other => panic!("expected a reset, got {other:?}"),
+    }
+    a.wait_stat(&format!("{P}tunnels_active"), 0).await;
+}
+
+/// The next hop restarts: the old connection is replaced and new tunnels work again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn next_hop_restart() {
+    let target = EchoTarget::start().await;
+    let cert = test_cert();
+    let cert_pem = cert.cert_pem.clone();
+    let b_yaml = bootstrap_yaml(&cert, target.addr, &BootstrapSpec::default());
+    let b = Proxy::start(&b_yaml, cert).await;
+    let b_addr = b.addr;
+    let a = forwarder(b_addr, &cert_pem, FORWARD_ROUTE).await;
+    let mut client = a.client(true).await;
+    let mut t = client.open(PATH, &[], false).await.unwrap();
+    t.send_datagram(b"before").unwrap();
+    recv_udp(&mut t).await;
+
+    // Stop B; the forwarded tunnel ends.
+    let key = b.cert.key_pem.clone();
+    drop(b);
+    let end = recv_end(&mut t).await;
+    assert!(
+        matches!(end, Received::Reset(_) | Received::Finished),
+        "{end:?}"
+    );
+
+    // B comes back on the same port (same certificate).
+    let b_yaml = b_yaml.replace(
+        "socket_address: { protocol: UDP, address: 127.0.0.1, port_value: 0 }",
+        &format!(
+            "socket_address: {{ protocol: UDP, address: 127.0.0.1, port_value: {} }}",
+            b_addr.port()
+        ),
+    );
+    let _b2 = Proxy::start_when_port_free(
+        &b_yaml,
+        TestCert {
+            cert_pem: cert_pem.clone(),
+            key_pem: key,
+        },
+    )
+    .await;
+    let mut t2 = client.open(PATH, &[], false).await.unwrap();
+    assert_eq!(t2.status, 200, "{}", proxy_status(&t2));
+    t2.send_datagram(b"after").unwrap();
+    let (_, got) = recv_udp(&mut t2).await;
+    assert_eq!(&got[..], b"after");
+    assert_eq!(a.stat("cluster.target.upstream_cx_total"), 2);
+}
+
+/// Pass-through: a path in a template Ferry does not know is forwarded unchanged to the
+/// next hop (which answers for itself), instead of being refused with 404 as Envoy does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pass_through_forwards_custom_templates_unchanged() {
+    let (b, _target) = start_default().await;
+    let a = forwarder(b.addr, &b.cert.cert_pem, PASS_THROUGH_ROUTE).await;
+    let mut client = a.client(true).await;
+    // A default-template request still works end to end.
+    let mut t = client.open(PATH, &[], false).await.unwrap();
+    assert_eq!(t.status, 200);
+    t.send_datagram(b"x").unwrap();
+    recv_udp(&mut t).await;
+    // A custom template reaches B unchanged: B (a terminator with the default template)
+    // refuses it with its own 404, which reaches the client.
+    let t = client
+        .open("/masque?h=foo.lyft.com&p=80", &[], false)
+        .await
+        .unwrap();
+    assert_eq!(t.status, 404);
+    b.wait_stat(&format!("{P}tunnels_rejected_404"), 1).await;
+    assert_eq!(a.stat(&format!("{P}tunnels_rejected_404")), 1);
+
+    // Without pass-through (Envoy's behaviour), A itself refuses the custom path.
+    let a2 = forwarder(b.addr, &b.cert.cert_pem, FORWARD_ROUTE).await;
+    let mut client = a2.client(true).await;
+    let t = client
+        .open("/masque?h=foo.lyft.com&p=80", &[], false)
+        .await
+        .unwrap();
+    assert_eq!(t.status, 404);
+    assert_eq!(
+        b.stat(&format!("{P}tunnels_rejected_404")),
+        1,
+        "B never saw it"
+    );
+}
