@@ -169,7 +169,8 @@ class ProxyProcess:
     """One running envoy/ferry with its admin endpoint."""
 
     def __init__(self, impl: str, config: Path, workdir: Path, label: str,
-                 name: str | None = None, log_level: str = "error") -> None:
+                 name: str | None = None, log_level: str = "error",
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.impl = impl
         self.config = config
         self.label = label
@@ -189,6 +190,7 @@ class ProxyProcess:
             "--concurrency", "1", "-l", log_level,
             "--disable-hot-restart",  # Envoy needs it for parallel instances; Ferry: no-op
             "--admin-address-path", str(self.admin_path),
+            *extra_args,
         ]
         self.cmd = cmd
         self._log = open(self.log_path, "wb")

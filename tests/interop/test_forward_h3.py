@@ -20,7 +20,6 @@ them verbose. Failure messages include the tail of every log.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import socket
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT, ProxyProcess, UdpTarget, async_wait_until, plus_0x10, run_async, wait_until
-from masque_client import MasqueClient, Tunnel, TunnelClosed
+from masque_client import MasqueClient, Tunnel
 
 A = bytes.fromhex("a1a2a3a4a5a6a7")
 B = bytes.fromhex("b1b2b3b4b5b6b7")

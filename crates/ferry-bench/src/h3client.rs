@@ -28,6 +28,10 @@ pub struct ProxyOptions {
     pub insecure: bool,
     /// The `{target_host}/{target_port}` put in the request path.
     pub target: SocketAddr,
+    /// UDP segmentation offload (GSO) on the client's QUIC socket.
+    pub gso: bool,
+    /// Path-MTU discovery on the client's QUIC connections.
+    pub pmtud: bool,
 }
 
 impl ProxyOptions {
@@ -88,8 +92,12 @@ pub fn tls_config(opts: &ProxyOptions) -> Result<rustls::ClientConfig, String> {
 
 /// Transport settings: DATAGRAM support with large buffers, path-MTU discovery on (quinn's
 /// default), a long idle timeout so a slow run never loses its connections.
-pub fn transport_config() -> quinn::TransportConfig {
+pub fn transport_config(opts: &ProxyOptions) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
+    t.enable_segmentation_offload(opts.gso);
+    if !opts.pmtud {
+        t.mtu_discovery_config(None);
+    }
     if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(120)) {
         t.max_idle_timeout(Some(idle));
     }
@@ -123,7 +131,7 @@ pub fn endpoint(opts: &ProxyOptions) -> Result<quinn::Endpoint, String> {
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| format!("TLS config unusable for QUIC: {e}"))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-    client.transport_config(Arc::new(transport_config()));
+    client.transport_config(Arc::new(transport_config(opts)));
     let socket = udp_socket(loopback_for(opts.proxy)).map_err(|e| format!("bind: {e}"))?;
     let mut ep = quinn::Endpoint::new(
         quinn::EndpointConfig::default(),

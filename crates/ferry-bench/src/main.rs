@@ -100,6 +100,13 @@ struct Common {
     /// A name for progress lines and the JSON.
     #[arg(long)]
     label: Option<String>,
+    /// Turn off UDP segmentation offload (GSO) on the client's QUIC sockets.
+    #[arg(long)]
+    no_gso: bool,
+    /// Turn off path-MTU discovery on the client's QUIC connections (packets stay at 1,200
+    /// bytes: payloads over about 1,160 bytes then cannot be sent).
+    #[arg(long)]
+    no_pmtud: bool,
 }
 
 #[derive(Args, Clone)]
@@ -236,6 +243,8 @@ fn proxy_options(c: &Common) -> Result<Option<h3client::ProxyOptions>, String> {
         ca_pem,
         insecure: c.insecure,
         target: c.target,
+        gso: !c.no_gso,
+        pmtud: !c.no_pmtud,
     }))
 }
 

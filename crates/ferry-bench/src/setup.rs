@@ -195,20 +195,22 @@ pub async fn open_tunnels(
             let mut send_request = c.send_request.clone();
             let opts = opts.clone();
             set.spawn(async move {
-                let mut hist = lanes::new_histogram()?;
+                // Latencies are kept as a list: one histogram per worker would cost
+                // ~230 KiB each, and there can be 10,000 workers.
+                let mut latencies = Vec::with_capacity(mine);
                 let mut streams = Vec::with_capacity(mine);
                 let mut errors = Vec::new();
                 for _ in 0..mine {
                     let t0 = Instant::now();
                     match h3client::open_tunnel(&mut send_request, &opts).await {
                         Ok(s) => {
-                            record(&mut hist, t0.elapsed());
+                            latencies.push(t0.elapsed());
                             streams.push(s);
                         }
                         Err(e) => errors.push(e),
                     }
                 }
-                Ok::<_, String>((ci, streams, hist, errors))
+                (ci, streams, latencies, errors)
             });
         }
     }
@@ -217,8 +219,10 @@ pub async fn open_tunnels(
     let mut failed = 0;
     let mut first_error = None;
     while let Some(r) = set.join_next().await {
-        let (ci, streams, h, errors) = r.map_err(|e| e.to_string())??;
-        let _ = hist.add(&h);
+        let (ci, streams, latencies, errors) = r.map_err(|e| e.to_string())?;
+        for d in latencies {
+            record(&mut hist, d);
+        }
         failed += errors.len();
         if first_error.is_none() {
             first_error = errors.into_iter().next();

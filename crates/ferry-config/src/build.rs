@@ -495,6 +495,7 @@ fn build_tls_context(ctx: &mut Ctx, p: &P, d: &raw::DownstreamTlsContext) -> mod
         );
         return model::ServerTls {
             certificates: Vec::new(),
+            alpn_protocols: Vec::new(),
         };
     };
     let unsupported = c.unsupported_fields();
@@ -544,7 +545,18 @@ fn build_tls_context(ctx: &mut Ctx, p: &P, d: &raw::DownstreamTlsContext) -> mod
             }
         })
         .collect();
-    model::ServerTls { certificates }
+    for (i, proto) in c.alpn_protocols.iter().enumerate() {
+        if !matches!(proto.as_str(), "h2" | "http/1.1") {
+            ctx.err(
+                &cp.f("alpn_protocols").i(i),
+                format!("`{proto}`: Ferry's TCP listeners speak `h2` and `http/1.1`"),
+            );
+        }
+    }
+    model::ServerTls {
+        certificates,
+        alpn_protocols: c.alpn_protocols.clone(),
+    }
 }
 
 /// Reads a PEM DataSource (`filename` relative to the current directory, as in Envoy).
@@ -642,6 +654,7 @@ fn placeholder_hcm() -> model::HttpConnectionManager {
         },
         upgrade_configs: Vec::new(),
         allow_extended_connect: false,
+        allow_connect: false,
         stream_idle_timeout: None,
         http_filters: Vec::new(),
         access_log: Vec::new(),
@@ -734,6 +747,13 @@ fn build_hcm(
         }
         None => false,
     };
+    let allow_connect = match &h.http2_protocol_options {
+        Some(o) => {
+            ctx.unsupported(&p.f("http2_protocol_options"), o.unsupported_fields());
+            o.allow_connect.unwrap_or(false)
+        }
+        None => false,
+    };
 
     let timeout = ctx.duration(
         &p.f("stream_idle_timeout"),
@@ -750,6 +770,7 @@ fn build_hcm(
         route_config,
         upgrade_configs,
         allow_extended_connect,
+        allow_connect,
         stream_idle_timeout,
         http_filters,
         access_log,

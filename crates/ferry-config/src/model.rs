@@ -59,6 +59,9 @@ pub struct FilterChain {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerTls {
     pub certificates: Vec<CertificateKeyPair>,
+    /// `common_tls_context.alpn_protocols` (TCP listeners): what the server offers, in order.
+    /// Empty on a TCP listener means Envoy's default for the codec: `h2` and `http/1.1`.
+    pub alpn_protocols: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -87,6 +90,9 @@ pub struct HttpConnectionManager {
     pub upgrade_configs: Vec<HcmUpgradeConfig>,
     /// `http3_protocol_options.allow_extended_connect` (default false).
     pub allow_extended_connect: bool,
+    /// `http2_protocol_options.allow_connect` (default false): SETTINGS_ENABLE_CONNECT_PROTOCOL
+    /// on HTTP/2 (RFC 8441), needed for CONNECT-UDP over HTTP/2.
+    pub allow_connect: bool,
     /// `stream_idle_timeout`; Envoy's default is 5 minutes; `0s` disables it (None).
     pub stream_idle_timeout: Option<Duration>,
     /// Names of `http_filters[]`, in order (only `envoy.filters.http.router` for now).

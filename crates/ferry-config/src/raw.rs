@@ -327,13 +327,14 @@ envoy_message! {
     struct CommonTlsContext {
         tls_certificates: Vec<TlsCertificate>,
         validation_context: Option<CertificateValidationContext>,
+        alpn_protocols: Vec<String>,
     }
     unsupported [
         tls_params, tls_certificate_sds_secret_configs, tls_certificate_provider_instance,
         custom_tls_certificate_selector, tls_certificate_certificate_provider,
         tls_certificate_certificate_provider_instance, validation_context_sds_secret_config, combined_validation_context,
         validation_context_certificate_provider, validation_context_certificate_provider_instance,
-        alpn_protocols, custom_handshaker, key_log,
+        custom_handshaker, key_log,
     ]
 }
 
@@ -432,12 +433,13 @@ envoy_message! {
         http_filters: Vec<HttpFilter>,
         upgrade_configs: Vec<HcmUpgradeConfig>,
         http3_protocol_options: Option<Http3ProtocolOptions>,
+        http2_protocol_options: Option<Http2ProtocolOptions>,
         stream_idle_timeout: Option<RawDuration>,
         access_log: Vec<AccessLog>,
     }
     unsupported [
         rds, scoped_routes, add_user_agent, tracing, common_http_protocol_options,
-        http_protocol_options, http2_protocol_options, server_name, server_header_transformation,
+        http_protocol_options, server_name, server_header_transformation,
         scheme_header_transformation, max_request_headers_kb, max_request_headers_count,
         request_timeout, request_headers_timeout, drain_timeout, delayed_close_timeout,
         access_log_flush_interval, flush_access_log_on_new_request,
@@ -518,6 +520,22 @@ envoy_message! {
         suppress_envoy_headers, strict_check_headers, respect_expected_rq_timeout,
         suppress_grpc_request_failure_code_stats, upstream_http_filters,
         reject_connect_request_early_data,
+    ]
+}
+
+envoy_message! {
+    /// `envoy.config.core.v3.Http2ProtocolOptions`.
+    struct Http2ProtocolOptions {
+        allow_connect: Option<bool>,
+    }
+    unsupported [
+        hpack_table_size, max_concurrent_streams, initial_stream_window_size,
+        initial_connection_window_size, allow_metadata, max_outbound_frames,
+        max_outbound_control_frames, max_consecutive_inbound_frames_with_empty_payload,
+        max_inbound_priority_frames_per_stream, max_inbound_window_update_frames_per_data_frame_sent,
+        stream_error_on_invalid_http_messaging, override_stream_error_on_invalid_http_message,
+        custom_settings_parameters, connection_keepalive, use_oghttp2_codec,
+        max_metadata_size, enable_huffman_encoding,
     ]
 }
 

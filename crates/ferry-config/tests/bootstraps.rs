@@ -28,6 +28,7 @@ fn expected_terminate_h3() -> Bootstrap {
                         certificate_chain_pem: DUMMY_CERT.into(),
                         private_key_pem: DUMMY_KEY.into(),
                     }],
+                    alpn_protocols: vec![],
                 }),
                 hcm: HttpConnectionManager {
                     codec_type: CodecType::Http3,
@@ -54,6 +55,7 @@ fn expected_terminate_h3() -> Bootstrap {
                     },
                     upgrade_configs: vec![],
                     allow_extended_connect: true,
+                    allow_connect: false,
                     stream_idle_timeout: Some(Duration::from_secs(300)),
                     http_filters: vec!["envoy.filters.http.router".into()],
                     access_log: vec![],
@@ -222,52 +224,45 @@ fn dynamic_targets_h3_fails_only_on_the_dynamic_forward_proxy() {
 }
 
 #[test]
-fn terminate_tcp_h2_h1_fails_only_on_alpn_and_http2_options() {
+fn terminate_tcp_h2_h1_builds_a_tls_tcp_listener() {
     let (text, _, _) = bootstrap("terminate-tcp-h2-h1.yaml.in");
-    let errs = load_yaml(&text).unwrap_err();
-    assert_only_not_supported(
-        &errs,
-        &[
-            "static_resources.listeners[0].filter_chains[0].transport_socket.typed_config.common_tls_context.alpn_protocols",
-            &format!("{HCM}.http2_protocol_options"),
-        ],
-    );
-}
-
-#[test]
-fn terminate_tcp_without_unsupported_options_builds_a_tcp_listener() {
-    let (text, _, _) = bootstrap("terminate-tcp-h2-h1.yaml.in");
-    let text = edit(
-        &text,
-        "            alpn_protocols: [\"h2\", \"http/1.1\"]\n",
-        "",
-    );
-    let text = edit(
-        &text,
-        "          http2_protocol_options:\n            allow_connect: true\n",
-        "",
-    );
     let bootstrap = load_yaml(&text).unwrap_or_else(|e| panic!("{e}"));
     let listener = &bootstrap.listeners[0];
     assert_eq!(listener.protocol, SocketProtocol::Tcp);
     assert_eq!(listener.quic, None);
-    assert_eq!(listener.filter_chain.hcm.codec_type, CodecType::Auto);
+    let hcm = &listener.filter_chain.hcm;
+    assert_eq!(hcm.codec_type, CodecType::Auto);
+    assert!(hcm.allow_connect);
+    assert!(!hcm.allow_extended_connect);
+    let tls = listener.filter_chain.tls.as_ref().unwrap();
+    assert_eq!(tls.certificates.len(), 1);
     assert_eq!(
-        listener
-            .filter_chain
-            .tls
-            .as_ref()
-            .map(|t| t.certificates.len()),
-        Some(1)
+        tls.alpn_protocols,
+        vec!["h2".to_string(), "http/1.1".to_string()]
     );
     assert_eq!(
-        listener.filter_chain.hcm.upgrade_configs,
+        hcm.upgrade_configs,
         vec![HcmUpgradeConfig {
             upgrade_type: "connect-udp".into(),
             enabled: true
         }]
     );
-    assert_eq!(listener.filter_chain.hcm.stat_prefix, "ingress_tcp");
+    assert_eq!(hcm.stat_prefix, "ingress_tcp");
+}
+
+#[test]
+fn unknown_alpn_protocol_is_refused() {
+    let (text, _, _) = bootstrap("terminate-tcp-h2-h1.yaml.in");
+    let text = edit(
+        &text,
+        "alpn_protocols: [\"h2\", \"http/1.1\"]",
+        "alpn_protocols: [\"h2\", \"spdy/3\"]",
+    );
+    let errs = load_yaml(&text).unwrap_err();
+    assert!(
+        errs.has_path("static_resources.listeners[0].filter_chains[0].transport_socket.typed_config.common_tls_context.alpn_protocols[1]"),
+        "{errs}"
+    );
 }
 
 #[test]

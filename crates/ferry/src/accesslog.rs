@@ -723,7 +723,7 @@ pub fn strftime(fmt: &str, t: SystemTime) -> String {
             'B' => write!(out, "{}", MONTHS[(mo - 1) as usize]),
             'a' => write!(out, "{}", &DAYS[weekday][..3]),
             'A' => write!(out, "{}", DAYS[weekday]),
-            'n' => write!(out, "\n"),
+            'n' => writeln!(out),
             't' => write!(out, "\t"),
             '%' => write!(out, "%"),
             other => write!(out, "%{}{digits}{other}", if e { "E" } else { "" }),

@@ -15,13 +15,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use ferry_proto::capsule::{self, Capsule, CapsuleDecoder};
 use h3::error::Code;
 use tokio::sync::mpsc;
 
 use crate::demux::{DatagramSink, RegistrationGuard, Registry};
 use crate::stats::{ConnectUdpStats, DropReason, Encoding};
+use crate::stream::{StreamRecv, StreamSend};
 use crate::tunnel::MAX_CAPSULE_LEN;
 use crate::upstream::StreamLease;
 
@@ -128,49 +129,6 @@ enum Half {
     Broken,
 }
 
-/// The receiving half of a request stream, whatever side of the proxy it is on.
-trait StreamRecv {
-    /// The next body bytes; `Ok(None)` at a clean end, `Err` on a reset.
-    async fn recv(&mut self) -> Result<Option<Bytes>, ()>;
-}
-
-/// The sending half of a request stream.
-trait StreamSend {
-    async fn send(&mut self, data: Bytes) -> Result<(), ()>;
-}
-
-impl StreamRecv for DownRecv {
-    async fn recv(&mut self) -> Result<Option<Bytes>, ()> {
-        match self.recv_data().await {
-            Ok(Some(mut d)) => Ok(Some(d.copy_to_bytes(d.remaining()))),
-            Ok(None) => Ok(None),
-            Err(_) => Err(()),
-        }
-    }
-}
-
-impl StreamRecv for UpRecv {
-    async fn recv(&mut self) -> Result<Option<Bytes>, ()> {
-        match self.recv_data().await {
-            Ok(Some(mut d)) => Ok(Some(d.copy_to_bytes(d.remaining()))),
-            Ok(None) => Ok(None),
-            Err(_) => Err(()),
-        }
-    }
-}
-
-impl StreamSend for DownSend {
-    async fn send(&mut self, data: Bytes) -> Result<(), ()> {
-        self.send_data(data).await.map_err(|_| ())
-    }
-}
-
-impl StreamSend for UpSend {
-    async fn send(&mut self, data: Bytes) -> Result<(), ()> {
-        self.send_data(data).await.map_err(|_| ())
-    }
-}
-
 /// Pump one stream direction: capsules from `recv` (re-encoded as they are) and queued
 /// datagrams (as DATAGRAM capsules) go out on `send`.
 async fn pump(
@@ -221,8 +179,6 @@ async fn pump(
 pub type DownSend = h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
 pub type DownRecv = h3::server::RequestStream<h3_quinn::RecvStream, Bytes>;
 pub type UpStream = h3::client::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
-type UpSend = h3::client::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
-type UpRecv = h3::client::RequestStream<h3_quinn::RecvStream, Bytes>;
 
 /// Both hops of a forwarded tunnel, after the next hop answered 2xx.
 pub struct Hops {

@@ -16,10 +16,10 @@ use tokio::task::JoinSet;
 use crate::accesslog::{self, AccessLogs, RequestRecord};
 use crate::cluster::{ClusterManager, PickError};
 use crate::decide::{self, Plan};
-use crate::demux::{self, RegistrationGuard, Registry};
+use crate::demux::{self, RegistrationGuard};
 use crate::shutdown::{ConnectionCount, Drain, Shutdown, Waiter};
 use crate::stats::{GaugeGuard, HttpStats};
-use crate::tunnel::{self, H3Downstream, TunnelShared};
+use crate::tunnel::{self, DatagramOut, TunnelShared};
 
 /// What every connection of a listener reads: the current config snapshot, clusters, stats.
 pub struct ListenerCtx {
@@ -243,16 +243,7 @@ async fn handle_request(
     tracing::debug!(method = head.method, path = ?head.path, authority = ?head.authority, ?plan, "request");
     let result = match plan {
         Ok(Plan::Terminate { cluster, target: _ }) => {
-            terminate(
-                down.stream,
-                &hcm,
-                ctx,
-                &cluster,
-                down.conn,
-                down.registry,
-                shutdown,
-            )
-            .await
+            terminate(down, &hcm, ctx, &cluster, shutdown).await
         }
         Ok(Plan::Forward { cluster, authority }) => {
             crate::forward::forward_h3(down, &req, &cluster, authority.as_deref(), ctx, shutdown)
@@ -290,14 +281,18 @@ async fn respond_error(stream: &mut H3Stream, rejection: &Rejection, stats: &Htt
 
 #[allow(clippy::too_many_arguments)]
 async fn terminate(
-    mut stream: H3Stream,
+    down: crate::forward::Downstream,
     hcm: &HttpConnectionManager,
     ctx: &ListenerCtx,
     cluster: &str,
-    conn: quinn::Connection,
-    registry: Registry,
     shutdown: Waiter,
 ) -> Result<(), (H3Stream, Rejection)> {
+    let crate::forward::Downstream {
+        mut stream,
+        conn,
+        registry,
+        peer,
+    } = down;
     // Envoy answers 400 to a CONNECT-UDP request that ends with its headers (END_STREAM):
     // there is no stream left to carry the tunnel. Whatever body bytes already arrived are
     // kept for the relay.
@@ -401,15 +396,16 @@ async fn terminate(
     accesslog::note(|r| r.responded(200, &resp_headers));
     tracing::debug!(stream_id, %addr, "tunnel open");
 
-    let (send, recv) = stream.split();
-    let mut down = H3Downstream {
-        send,
-        recv,
+    let (mut send, mut recv) = stream.split();
+    let datagrams = DatagramOut {
         conn,
         stream_id,
+        peer,
     };
-    let end = tunnel::relay_h3(
-        &mut down,
+    let end = tunnel::relay(
+        &mut recv,
+        &mut send,
+        Some(&datagrams),
         &shared,
         initial,
         hcm.stream_idle_timeout,
@@ -418,6 +414,6 @@ async fn terminate(
     .await;
     tracing::debug!(stream_id, ?end, "tunnel closed");
     accesslog::note(|r| r.tunnel_ended(end));
-    tunnel::close_h3(&mut down, end, stats).await;
+    tunnel::close(&mut send, end, stats).await;
     Ok(())
 }

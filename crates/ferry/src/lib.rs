@@ -20,6 +20,8 @@ pub mod server;
 pub mod shutdown;
 pub mod stats;
 pub mod stats_render;
+pub mod stream;
+pub mod tcpserver;
 pub mod tls;
 pub mod tunnel;
 pub mod upstream;

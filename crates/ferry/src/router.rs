@@ -196,6 +196,7 @@ mod tests {
             },
             upgrade_configs: hcm_upgrades,
             allow_extended_connect: true,
+            allow_connect: false,
             stream_idle_timeout: None,
             http_filters: vec!["envoy.filters.http.router".into()],
             access_log: vec![],

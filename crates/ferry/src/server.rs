@@ -22,6 +22,7 @@ use crate::cluster::ClusterManager;
 use crate::h3server::{H3Listener, ListenerCtx};
 use crate::shutdown::{ConnectionCount, Drain, Shutdown, Signal};
 use crate::stats::{listener_stat_name, ClusterStatsMap, HttpStats, ServerStats, Store};
+use crate::tcpserver::TcpListener;
 
 /// How long start-up waits for the first DNS answers before serving anyway.
 const INITIAL_DNS_WAIT: Duration = Duration::from_secs(10);
@@ -153,7 +154,17 @@ impl ServerState {
 pub struct Server {
     pub state: Arc<ServerState>,
     h3: Vec<H3Listener>,
+    tcp: Vec<TcpListener>,
     admin: Option<AdminServer>,
+}
+
+/// `Alt-Svc` for a TCP listener: the first HTTP/3 listener on the same IP (or on an
+/// unspecified one), as `h3=":PORT"`, so clients that start on TCP can move to HTTP/3.
+fn alt_svc_for(tcp: &ferry_config::Listener, h3: &[H3Listener]) -> Option<String> {
+    h3.iter()
+        .map(|l| l.local_addr)
+        .find(|a| a.ip() == tcp.address.ip() || a.ip().is_unspecified())
+        .map(|a| format!("h3=\":{}\"; ma=86400", a.port()))
 }
 
 impl Server {
@@ -176,18 +187,22 @@ impl Server {
         let destinations = Destinations::new(&stats);
         let cluster_stats = Arc::new(ClusterStatsMap::new(&stats));
         let mut h3 = Vec::new();
+        let mut tcp_pending = Vec::new();
         let mut bound = Vec::new();
         for l in &bootstrap.listeners {
             let hcm = &l.filter_chain.hcm;
-            match (l.protocol, l.quic.is_some(), hcm.codec_type) {
-                (SocketProtocol::Udp, true, CodecType::Http3 | CodecType::Auto) => {}
+            let is_h3 = match (l.protocol, l.quic.is_some(), hcm.codec_type) {
+                (SocketProtocol::Udp, true, CodecType::Http3 | CodecType::Auto) => true,
+                (SocketProtocol::Tcp, false, CodecType::Auto | CodecType::Http1 | CodecType::Http2) => {
+                    false
+                }
                 _ => {
                     return Err(format!(
-                        "listener {}: only HTTP/3 (UDP + quic_options) listeners are implemented so far",
+                        "listener {}: a UDP listener needs quic_options and codec HTTP3; a TCP listener takes AUTO, HTTP1 or HTTP2",
                         l.name
                     ))
                 }
-            }
+            };
             let access_logs = AccessLogs::open(&hcm.access_log, &destinations)
                 .map_err(|e| format!("listener {}: {e}", l.name))?;
             let ctx = Arc::new(ListenerCtx {
@@ -207,6 +222,11 @@ impl Server {
                 access_logs,
                 local_addr: Default::default(),
             });
+            if !is_h3 {
+                // Bound after the HTTP/3 listeners, whose ports Alt-Svc advertises.
+                tcp_pending.push((l, ctx));
+                continue;
+            }
             let listener = H3Listener::bind(l, ctx.clone())?;
             let _ = ctx.local_addr.set(listener.local_addr);
             bound.push(BoundListener {
@@ -215,6 +235,17 @@ impl Server {
                 protocol: l.protocol,
             });
             h3.push(listener);
+        }
+        let mut tcp = Vec::new();
+        for (l, ctx) in tcp_pending {
+            let listener = TcpListener::bind(l, ctx.clone(), alt_svc_for(l, &h3))?;
+            let _ = ctx.local_addr.set(listener.local_addr);
+            bound.push(BoundListener {
+                name: l.name.clone(),
+                local_addr: listener.local_addr,
+                protocol: l.protocol,
+            });
+            tcp.push(listener);
         }
         let admin = match &bootstrap.admin {
             Some(a) => Some(AdminServer::bind(a.address)?),
@@ -238,7 +269,12 @@ impl Server {
             started: std::time::SystemTime::now(),
             access_logs: destinations,
         });
-        Ok(Server { state, h3, admin })
+        Ok(Server {
+            state,
+            h3,
+            tcp,
+            admin,
+        })
     }
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
@@ -258,8 +294,11 @@ impl Server {
         clusters.start(&shutdown);
         // Like Envoy's cluster warming: serve once the first DNS answers are in.
         let _ = tokio::time::timeout(INITIAL_DNS_WAIT, clusters.initialized()).await;
-        let listeners = self.h3.len();
+        let listeners = self.h3.len() + self.tcp.len();
         for l in self.h3 {
+            tasks.spawn(l.serve(shutdown.subscribe()));
+        }
+        for l in self.tcp {
             tasks.spawn(l.serve(shutdown.subscribe()));
         }
         if !state.drain.is_triggered() {

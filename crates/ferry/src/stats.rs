@@ -581,13 +581,14 @@ impl DirectionStats {
 pub struct HttpStats {
     pub downstream_cx_total: Counter,
     pub downstream_cx_active: Gauge,
-    pub downstream_cx_http3_total: Counter,
-    pub downstream_cx_http3_active: Gauge,
+    /// `downstream_cx_http1_*`, `_http2_*`, `_http3_*`, by [`HttpVersion`].
+    cx_by_version: [(Counter, Gauge); 3],
     pub downstream_cx_destroy: Counter,
     pub downstream_cx_drain_close: Counter,
     pub downstream_cx_length_ms: Histogram,
     pub downstream_rq_total: Counter,
-    pub downstream_rq_http3_total: Counter,
+    /// `downstream_rq_http1_total`, `_http2_total`, `_http3_total`.
+    rq_by_version: [Counter; 3],
     pub downstream_rq_active: Gauge,
     pub downstream_rq_completed: Counter,
     pub downstream_rq_time: Histogram,
@@ -642,6 +643,31 @@ const KNOWN_REJECTIONS: [&str; 11] = [
 ];
 
 impl ConnectUdpStats {
+    /// The CONNECT-UDP stats named `<prefix>tunnels_total`, ... (`prefix` ends with a dot:
+    /// `http.<stat_prefix>.connect_udp.` for a listener, `cluster.<name>.connect_udp.` for
+    /// the datagrams of a forwarding cluster's connections).
+    pub fn new(store: &Arc<Store>, prefix: &str) -> Self {
+        let cu = prefix;
+        ConnectUdpStats {
+            tunnels_total: store.counter(&format!("{cu}tunnels_total")),
+            tunnels_active: store.gauge(&format!("{cu}tunnels_active")),
+            tunnels_rejected: store.counter(&format!("{cu}tunnels_rejected")),
+            tunnel_setup_time_us: store.histogram(&format!("{cu}tunnel_setup_time_us")),
+            tunnel_duration_ms: store.histogram(&format!("{cu}tunnel_duration_ms")),
+            rx: DirectionStats::new(store, cu, "downstream_rx", Direction::Rx),
+            tx: DirectionStats::new(store, cu, "downstream_tx", Direction::Tx),
+            upstream_datagrams_tx: store.counter(&format!("{cu}upstream_datagrams_tx")),
+            upstream_datagrams_rx: store.counter(&format!("{cu}upstream_datagrams_rx")),
+            drops: DropReason::ALL
+                .map(|r| store.counter(&format!("{cu}datagrams_dropped_{}", r.name()))),
+            resets: ResetReason::ALL
+                .map(|r| store.counter(&format!("{cu}streams_reset_{}", r.name()))),
+            tunnel: None,
+            store: store.clone(),
+            prefix: cu.into(),
+        }
+    }
+
     #[inline]
     pub fn drop(&self, reason: DropReason) {
         self.drops[reason as usize].inc();
@@ -744,37 +770,26 @@ impl HttpStats {
         HttpStats {
             downstream_cx_total: c("downstream_cx_total"),
             downstream_cx_active: g("downstream_cx_active"),
-            downstream_cx_http3_total: c("downstream_cx_http3_total"),
-            downstream_cx_http3_active: g("downstream_cx_http3_active"),
+            cx_by_version: HttpVersion::ALL.map(|v| {
+                let n = v.stat_name();
+                (
+                    c(&format!("downstream_cx_{n}_total")),
+                    g(&format!("downstream_cx_{n}_active")),
+                )
+            }),
             downstream_cx_destroy: c("downstream_cx_destroy"),
             downstream_cx_drain_close: c("downstream_cx_drain_close"),
             downstream_cx_length_ms: store.histogram(&format!("{p}downstream_cx_length_ms")),
             downstream_rq_total: c("downstream_rq_total"),
-            downstream_rq_http3_total: c("downstream_rq_http3_total"),
+            rq_by_version: HttpVersion::ALL
+                .map(|v| c(&format!("downstream_rq_{}_total", v.stat_name()))),
             downstream_rq_active: g("downstream_rq_active"),
             downstream_rq_completed: c("downstream_rq_completed"),
             downstream_rq_time: store.histogram(&format!("{p}downstream_rq_time")),
             rq_by_class: [rq("1xx"), rq("2xx"), rq("3xx"), rq("4xx"), rq("5xx")],
             downstream_cx_upgrades_total: c("downstream_cx_upgrades_total"),
             downstream_cx_upgrades_active: g("downstream_cx_upgrades_active"),
-            connect_udp: ConnectUdpStats {
-                tunnels_total: store.counter(&format!("{cu}tunnels_total")),
-                tunnels_active: store.gauge(&format!("{cu}tunnels_active")),
-                tunnels_rejected: store.counter(&format!("{cu}tunnels_rejected")),
-                tunnel_setup_time_us: store.histogram(&format!("{cu}tunnel_setup_time_us")),
-                tunnel_duration_ms: store.histogram(&format!("{cu}tunnel_duration_ms")),
-                rx: DirectionStats::new(store, &cu, "downstream_rx", Direction::Rx),
-                tx: DirectionStats::new(store, &cu, "downstream_tx", Direction::Tx),
-                upstream_datagrams_tx: store.counter(&format!("{cu}upstream_datagrams_tx")),
-                upstream_datagrams_rx: store.counter(&format!("{cu}upstream_datagrams_rx")),
-                drops: DropReason::ALL
-                    .map(|r| store.counter(&format!("{cu}datagrams_dropped_{}", r.name()))),
-                resets: ResetReason::ALL
-                    .map(|r| store.counter(&format!("{cu}streams_reset_{}", r.name()))),
-                tunnel: None,
-                store: store.clone(),
-                prefix: cu.into(),
-            },
+            connect_udp: ConnectUdpStats::new(store, &cu),
             listener,
             clusters,
         }
@@ -798,76 +813,118 @@ impl HttpStats {
 
     /// A new downstream HTTP/3 connection: counted now, and as destroyed (with its
     /// length) when the guard drops.
-    pub fn connection(&self) -> ConnectionGuard<'_> {
+    pub fn connection(&self) -> ConnectionGuard {
+        self.connection_with(HttpVersion::Http3)
+    }
+
+    /// A new downstream connection of `version` (see [`HttpStats::connection`]).
+    pub fn connection_with(&self, version: HttpVersion) -> ConnectionGuard {
+        let (total, active) = &self.cx_by_version[version as usize];
         self.downstream_cx_total.inc();
         self.downstream_cx_active.inc();
-        self.downstream_cx_http3_total.inc();
-        self.downstream_cx_http3_active.inc();
-        if let Some(l) = &self.listener {
+        total.inc();
+        active.inc();
+        let listener = self.listener.as_ref().map(|l| {
             l.downstream_cx_total.inc();
             l.downstream_cx_active.inc();
-        }
+            (
+                l.downstream_cx_active.clone(),
+                l.downstream_cx_destroy.clone(),
+                l.downstream_cx_length_ms.clone(),
+            )
+        });
         ConnectionGuard {
-            stats: self,
+            active: [self.downstream_cx_active.clone(), active.clone()],
+            destroy: self.downstream_cx_destroy.clone(),
+            length: self.downstream_cx_length_ms.clone(),
+            listener,
             start: Instant::now(),
         }
     }
 
-    /// A new request on a downstream connection: counted now, and its time recorded when
-    /// the guard drops.
-    pub fn request(&self) -> RequestGuard<'_> {
+    /// A new request on a downstream HTTP/3 connection: counted now, and its time recorded
+    /// when the guard drops.
+    pub fn request(&self) -> RequestGuard {
+        self.request_with(HttpVersion::Http3)
+    }
+
+    /// A new request over `version` (see [`HttpStats::request`]).
+    pub fn request_with(&self, version: HttpVersion) -> RequestGuard {
         self.downstream_rq_total.inc();
-        self.downstream_rq_http3_total.inc();
+        self.rq_by_version[version as usize].inc();
         self.downstream_rq_active.inc();
         RequestGuard {
-            stats: self,
+            active: self.downstream_rq_active.clone(),
+            time: self.downstream_rq_time.clone(),
             start: Instant::now(),
         }
     }
 }
 
-/// See [`HttpStats::connection`].
+/// The HTTP version of a downstream connection, for Envoy's per-codec stats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpVersion {
+    Http1,
+    Http2,
+    Http3,
+}
+
+impl HttpVersion {
+    pub const ALL: [HttpVersion; 3] = [HttpVersion::Http1, HttpVersion::Http2, HttpVersion::Http3];
+
+    fn stat_name(self) -> &'static str {
+        match self {
+            HttpVersion::Http1 => "http1",
+            HttpVersion::Http2 => "http2",
+            HttpVersion::Http3 => "http3",
+        }
+    }
+}
+
+/// See [`HttpStats::connection`]. Holds its own handles, so it can outlive any borrow.
 #[derive(Debug)]
-pub struct ConnectionGuard<'a> {
-    stats: &'a HttpStats,
+pub struct ConnectionGuard {
+    active: [Gauge; 2],
+    destroy: Counter,
+    length: Histogram,
+    listener: Option<(Gauge, Counter, Histogram)>,
     start: Instant,
 }
 
-impl Drop for ConnectionGuard<'_> {
+impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        let s = self.stats;
         let length = self.start.elapsed();
-        s.downstream_cx_active.dec();
-        s.downstream_cx_http3_active.dec();
-        s.downstream_cx_destroy.inc();
-        s.downstream_cx_length_ms.record_ms(length);
-        if let Some(l) = &s.listener {
-            l.downstream_cx_active.dec();
-            l.downstream_cx_destroy.inc();
-            l.downstream_cx_length_ms.record_ms(length);
+        for g in &self.active {
+            g.dec();
+        }
+        self.destroy.inc();
+        self.length.record_ms(length);
+        if let Some((active, destroy, hist)) = &self.listener {
+            active.dec();
+            destroy.inc();
+            hist.record_ms(length);
         }
     }
 }
 
 /// See [`HttpStats::request`].
 #[derive(Debug)]
-pub struct RequestGuard<'a> {
-    stats: &'a HttpStats,
+pub struct RequestGuard {
+    active: Gauge,
+    time: Histogram,
     start: Instant,
 }
 
-impl RequestGuard<'_> {
+impl RequestGuard {
     pub fn start(&self) -> Instant {
         self.start
     }
 }
 
-impl Drop for RequestGuard<'_> {
+impl Drop for RequestGuard {
     fn drop(&mut self) {
-        self.stats.downstream_rq_active.dec();
-        self.stats
-            .downstream_rq_time
-            .record_ms(self.start.elapsed());
+        self.active.dec();
+        self.time.record_ms(self.start.elapsed());
     }
 }
 

@@ -108,13 +108,13 @@ impl StatsQuery {
     }
 
     fn selects(&self, name: &str, m: &Metric) -> bool {
-        let kind_ok = match (self.kind, m) {
-            (Kind::All, _) => true,
-            (Kind::Counters, Metric::Counter(_)) => true,
-            (Kind::Gauges, Metric::Gauge(_)) => true,
-            (Kind::Histograms, Metric::Histogram(_)) => true,
-            _ => false,
-        };
+        let kind_ok = matches!(
+            (self.kind, m),
+            (Kind::All, _)
+                | (Kind::Counters, Metric::Counter(_))
+                | (Kind::Gauges, Metric::Gauge(_))
+                | (Kind::Histograms, Metric::Histogram(_))
+        );
         let filter_ok = match &self.filter {
             Some(re) => re.is_match(name) != self.invert_filter,
             None => true,
@@ -338,9 +338,9 @@ pub fn prometheus(selected: &[(String, Metric)]) -> String {
         Int(i128),
         Hist(HistogramSummary),
     }
+    type Labels = Vec<(&'static str, String)>;
     // (kind order, family) -> series
-    let mut families: BTreeMap<(u8, String), Vec<(Vec<(&'static str, String)>, Sample)>> =
-        BTreeMap::new();
+    let mut families: BTreeMap<(u8, String), Vec<(Labels, Sample)>> = BTreeMap::new();
     for (name, m) in selected {
         let (family, labels) = prometheus_series(name);
         let (order, sample) = match m {

@@ -26,6 +26,23 @@ pub fn parse_key(pem: &str) -> Result<PrivateKeyDer<'static>, String> {
 
 /// A TLS 1.3 server config for QUIC with the given ALPN protocols.
 pub fn server_config(tls: &ServerTls, alpn: &[&[u8]]) -> Result<rustls::ServerConfig, String> {
+    build_server_config(tls, alpn, &[&rustls::version::TLS13])
+}
+
+/// A TLS 1.2 and 1.3 server config for TCP listeners (Envoy's defaults) with ALPN.
+pub fn tcp_server_config(tls: &ServerTls, alpn: &[&[u8]]) -> Result<rustls::ServerConfig, String> {
+    build_server_config(
+        tls,
+        alpn,
+        &[&rustls::version::TLS13, &rustls::version::TLS12],
+    )
+}
+
+fn build_server_config(
+    tls: &ServerTls,
+    alpn: &[&[u8]],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Result<rustls::ServerConfig, String> {
     let pair = match tls.certificates.as_slice() {
         [one] => one,
         [] => return Err("tls_certificates: at least one certificate is required".into()),
@@ -38,7 +55,7 @@ pub fn server_config(tls: &ServerTls, alpn: &[&[u8]]) -> Result<rustls::ServerCo
     let certs = parse_certs(&pair.certificate_chain_pem)?;
     let key = parse_key(&pair.private_key_pem)?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
+        .with_protocol_versions(versions)
         .map_err(|e| e.to_string())?
         .with_no_client_auth()
         .with_single_cert(certs, key)

@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use ferry_proto::capsule::{Capsule, CapsuleDecoder, CapsuleError};
 use ferry_proto::datagram::{self, MAX_UDP_PAYLOAD};
@@ -15,6 +17,7 @@ use tokio::sync::Notify;
 
 use crate::demux::DatagramSink;
 use crate::stats::{ConnectUdpStats, DropReason, Encoding, ResetReason};
+use crate::stream::{StreamRecv, StreamSend};
 
 /// Socket buffer size asked for on target-side sockets (the kernel caps it at rmem_max).
 const SOCKET_BUFFER: usize = 4 << 20;
@@ -62,6 +65,52 @@ pub fn connect_udp(target: SocketAddr) -> io::Result<UdpSocket> {
     // A connected socket makes the kernel do that check for us.
     socket.connect(&target.into())?;
     UdpSocket::from_std(socket.into())
+}
+
+/// Pick a host of `cluster` and open a connected UDP socket to it: the part of
+/// terminating a tunnel before the response, the same for every HTTP version.
+pub fn open_target(
+    clusters: &crate::cluster::ClusterManager,
+    cluster: &str,
+    stats: &ConnectUdpStats,
+) -> Result<(Arc<TunnelShared>, SocketAddr), ferry_proto::request::Rejection> {
+    use crate::cluster::PickError;
+    use crate::decide::reject;
+    let picked = match clusters.get(cluster) {
+        Some(c) => c.pick(),
+        None => Err(PickError::NoSuchCluster),
+    };
+    let addr = match picked {
+        Ok(a) => a,
+        Err(PickError::Dns(e)) => {
+            return Err(reject(
+                503,
+                Some("dns_error"),
+                format!("cluster {cluster}: {e}"),
+            ))
+        }
+        Err(e) => {
+            return Err(reject(
+                503,
+                Some("destination_unavailable"),
+                format!("cluster {cluster}: no healthy upstream ({e:?})"),
+            ))
+        }
+    };
+    let udp = connect_udp(addr).map_err(|e| {
+        reject(
+            503,
+            Some("destination_unavailable"),
+            format!("cannot open UDP socket to {addr}: {e}"),
+        )
+    })?;
+    let shared = Arc::new(TunnelShared {
+        udp,
+        active: AtomicBool::new(false),
+        failed: Notify::new(),
+        stats: stats.clone(),
+    });
+    Ok((shared, addr))
 }
 
 /// What the demux task and the tunnel task share.
@@ -121,34 +170,27 @@ pub enum End {
     Shutdown,
 }
 
-/// The downstream side of a tunnel over HTTP/3.
-pub struct H3Downstream<S, R> {
-    pub send: h3::server::RequestStream<S, Bytes>,
-    pub recv: h3::server::RequestStream<R, Bytes>,
+/// The QUIC datagram path of an HTTP/3 tunnel (absent over HTTP/2 and HTTP/1.1).
+pub struct DatagramOut {
     pub conn: quinn::Connection,
     pub stream_id: u64,
+    /// The client connection's HTTP/3 state: whether it sent SETTINGS_H3_DATAGRAM is read
+    /// per datagram, because SETTINGS can arrive after the request.
+    pub peer: Arc<h3::SharedState>,
 }
 
 /// Relay until one side ends. `initial` holds request body bytes already read.
-pub async fn relay_h3<S, R>(
-    down: &mut H3Downstream<S, R>,
+pub async fn relay<R: StreamRecv, S: StreamSend>(
+    recv: &mut R,
+    send: &mut S,
+    datagrams: Option<&DatagramOut>,
     shared: &TunnelShared,
     initial: Option<Bytes>,
     idle_timeout: Option<Duration>,
     mut shutdown: crate::shutdown::Waiter,
-) -> End
-where
-    S: h3::quic::SendStream<Bytes>,
-    R: h3::quic::RecvStream,
-{
-    let H3Downstream {
-        send,
-        recv,
-        conn,
-        stream_id,
-    } = down;
+) -> End {
     let to_target = client_to_target(recv, shared, initial);
-    let to_client = target_to_client(send, conn, *stream_id, shared);
+    let to_client = target_to_client(send, datagrams, shared);
     tokio::select! {
         end = to_target => end,
         end = to_client => end,
@@ -159,15 +201,9 @@ where
 }
 
 /// Close the downstream stream the way `end` says.
-pub async fn close_h3<S, R>(down: &mut H3Downstream<S, R>, end: End, stats: &ConnectUdpStats)
-where
-    S: h3::quic::SendStream<Bytes>,
-    R: h3::quic::RecvStream,
-{
+pub async fn close<S: StreamSend>(send: &mut S, end: End, stats: &ConnectUdpStats) {
     match end {
-        End::ClientFinished | End::Shutdown => {
-            let _ = down.send.finish().await;
-        }
+        End::ClientFinished | End::Shutdown => send.finish().await,
         End::ClientGone => {}
         End::Reset(reason) => {
             stats.reset(reason);
@@ -180,10 +216,10 @@ where
                 ResetReason::SocketError => Code::H3_CONNECT_ERROR,
                 ResetReason::IdleTimeout => Code::H3_NO_ERROR,
             };
-            down.send.stop_stream(code);
             // The receive half is not stopped explicitly: h3-quinn 0.0.10 panics in
             // stop_sending while a read is in flight. Dropping it makes quinn send
-            // STOP_SENDING.
+            // STOP_SENDING (and over HTTP/2 or HTTP/1.1, dropping resets or closes).
+            send.reset(code);
         }
     }
 }
@@ -211,14 +247,11 @@ async fn idle(shared: &TunnelShared, timeout: Option<Duration>) -> End {
 }
 
 /// Client to target over the request stream: DATAGRAM capsules become UDP payloads.
-async fn client_to_target<R>(
-    recv: &mut h3::server::RequestStream<R, Bytes>,
+async fn client_to_target<R: StreamRecv>(
+    recv: &mut R,
     shared: &TunnelShared,
     initial: Option<Bytes>,
-) -> End
-where
-    R: h3::quic::RecvStream,
-{
+) -> End {
     let stats = &shared.stats;
     let mut decoder = CapsuleDecoder::new(MAX_CAPSULE_LEN);
     if let Some(b) = initial {
@@ -245,11 +278,8 @@ where
                 Err(_) => return End::Reset(ResetReason::MalformedCapsule),
             }
         }
-        match recv.recv_data().await {
-            Ok(Some(mut data)) => {
-                let bytes = data.copy_to_bytes(data.remaining());
-                decoder.push(bytes);
-            }
+        match recv.recv().await {
+            Ok(Some(bytes)) => decoder.push(bytes),
             Ok(None) => {
                 //= https://www.rfc-editor.org/rfc/rfc9297#section-3.3
                 //# If the receiver detects the end of the stream with an incomplete capsule,
@@ -301,19 +331,15 @@ async fn capsule_to_target(payload: Bytes, shared: &TunnelShared) -> Result<(), 
 
 /// Target to client: each UDP payload becomes an HTTP/3 datagram when the client negotiated
 /// them (and it fits), a DATAGRAM capsule on the stream when the client did not.
-async fn target_to_client<S>(
-    send: &mut h3::server::RequestStream<S, Bytes>,
-    conn: &quinn::Connection,
-    stream_id: u64,
+async fn target_to_client<S: StreamSend>(
+    send: &mut S,
+    datagrams: Option<&DatagramOut>,
     shared: &TunnelShared,
-) -> End
-where
-    S: h3::quic::SendStream<Bytes>,
-{
+) -> End {
     use h3::ConnectionState;
     let stats = &shared.stats;
     let mut buf = BytesMut::new();
-    let h3_header_len = datagram::h3_header_len(stream_id);
+    let h3_header_len = datagrams.map_or(0, |d| datagram::h3_header_len(d.stream_id));
     loop {
         // Wait first, allocate after: an idle tunnel holds no receive buffer.
         if let Err(_e) = shared.udp.readable().await {
@@ -341,8 +367,11 @@ where
         //= https://www.rfc-editor.org/rfc/rfc9297#section-3.5
         //# When sending HTTP Datagrams, endpoints ... MAY use QUIC DATAGRAM frames if the
         //# peer has sent SETTINGS_H3_DATAGRAM with a value of 1.
-        let peer_datagrams = send.settings().enable_datagram();
-        if peer_datagrams {
+        let quic = datagrams.filter(|d| d.peer.settings().enable_datagram());
+        if let Some(DatagramOut {
+            conn, stream_id, ..
+        }) = quic
+        {
             if let Some(max) = conn.max_datagram_size() {
                 if h3_header_len + len > max {
                     //= https://www.rfc-editor.org/rfc/rfc9298#section-6.1
@@ -354,7 +383,7 @@ where
                 }
                 let start = HEADROOM - h3_header_len;
                 let mut frame = buf.split();
-                datagram::write_h3_udp_header(stream_id, &mut frame[start..HEADROOM]);
+                datagram::write_h3_udp_header(*stream_id, &mut frame[start..HEADROOM]);
                 frame.advance(start);
                 match conn.send_datagram_wait(frame.freeze()).await {
                     Ok(()) => stats.tx.record(Encoding::QuicDatagram, len),
@@ -369,7 +398,7 @@ where
         let mut capsule = buf.split();
         datagram::write_capsule_udp_header(len, &mut capsule[start..HEADROOM]);
         capsule.advance(start);
-        if send.send_data(capsule.freeze()).await.is_err() {
+        if send.send(capsule.freeze()).await.is_err() {
             return End::ClientGone;
         }
         stats.tx.record(Encoding::Capsule, len);

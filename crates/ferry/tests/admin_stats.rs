@@ -56,11 +56,17 @@ fn parse_stats(text: &str) -> (BTreeMap<String, i64>, BTreeMap<String, String>) 
     let mut histograms = BTreeMap::new();
     let mut seen_histogram = false;
     for line in text.lines() {
-        assert!(line_re.is_match(line), "not Envoy's /stats format: {line:?}");
+        assert!(
+            line_re.is_match(line),
+            "not Envoy's /stats format: {line:?}"
+        );
         let (name, value) = line.split_once(": ").unwrap();
         match value.parse::<i64>() {
             Ok(v) => {
-                assert!(!seen_histogram, "counters and gauges come before histograms: {line}");
+                assert!(
+                    !seen_histogram,
+                    "counters and gauges come before histograms: {line}"
+                );
                 values.insert(name.to_string(), v);
             }
             Err(_) => {
@@ -109,10 +115,18 @@ async fn counters_equal_what_was_sent_received_and_dropped() {
     // that has no tunnel.
     a.send_datagram_with_context(1, b"ctx1").unwrap();
     a.send_any_capsule(0x1234, b"unknown").await.unwrap();
-    c1.conn.send_datagram(h3_datagram(999, 0, b"nobody")).unwrap();
-    proxy.wait_stat(&format!("{P}datagrams_dropped_unknown_context_id"), 1).await;
-    proxy.wait_stat(&format!("{P}datagrams_dropped_unknown_capsule"), 1).await;
-    proxy.wait_stat(&format!("{P}datagrams_dropped_no_such_stream"), 1).await;
+    c1.conn
+        .send_datagram(h3_datagram(999, 0, b"nobody"))
+        .unwrap();
+    proxy
+        .wait_stat(&format!("{P}datagrams_dropped_unknown_context_id"), 1)
+        .await;
+    proxy
+        .wait_stat(&format!("{P}datagrams_dropped_unknown_capsule"), 1)
+        .await;
+    proxy
+        .wait_stat(&format!("{P}datagrams_dropped_no_such_stream"), 1)
+        .await;
 
     // Client 2 has no HTTP/3 datagrams: capsules both ways.
     let mut c2 = proxy.client(false).await;
@@ -136,10 +150,14 @@ async fn counters_equal_what_was_sent_received_and_dropped() {
     assert_eq!(recv_end(&mut a).await, Received::Finished);
     assert_eq!(recv_end(&mut b).await, Received::Finished);
     proxy.wait_stat(&format!("{P}tunnels_active"), 0).await;
-    proxy.wait_stat("http.ingress_http.downstream_rq_active", 0).await;
+    proxy
+        .wait_stat("http.ingress_http.downstream_rq_active", 0)
+        .await;
     drop((a, b, refused));
     drop((c1, c2));
-    proxy.wait_stat("http.ingress_http.downstream_cx_active", 0).await;
+    proxy
+        .wait_stat("http.ingress_http.downstream_cx_active", 0)
+        .await;
     assert_eq!(target.seen().len(), 17);
 
     let (v, h) = parse_stats(&get(proxy.admin, "/stats").await);
@@ -193,8 +211,14 @@ async fn counters_equal_what_was_sent_received_and_dropped() {
     // One connected UDP socket per tunnel.
     assert_eq!(v["cluster.target.upstream_cx_total"], 2);
     assert_eq!(v["cluster.target.upstream_cx_active"], 0);
-    assert_eq!(v["cluster.target.upstream_cx_tx_bytes_total"], rx_bytes as i64);
-    assert_eq!(v["cluster.target.upstream_cx_rx_bytes_total"], rx_bytes as i64);
+    assert_eq!(
+        v["cluster.target.upstream_cx_tx_bytes_total"],
+        rx_bytes as i64
+    );
+    assert_eq!(
+        v["cluster.target.upstream_cx_rx_bytes_total"],
+        rx_bytes as i64
+    );
     assert_eq!(v["cluster.target.membership_total"], 1);
     assert_eq!(v["server.live"], 1);
     assert_eq!(v["server.state"], 0);
@@ -216,8 +240,13 @@ async fn counters_equal_what_was_sent_received_and_dropped() {
     let (used, _) = parse_stats(&get(proxy.admin, "/stats?usedonly").await);
     assert!(used.contains_key(&format!("{P}tunnels_total")));
     assert!(!used.contains_key(&format!("{P}datagrams_dropped_policy")));
-    let (filtered, fh) =
-        parse_stats(&get(proxy.admin, "/stats?filter=connect_udp%5C.tunnels_(total%7Cactive)$").await);
+    let (filtered, fh) = parse_stats(
+        &get(
+            proxy.admin,
+            "/stats?filter=connect_udp%5C.tunnels_(total%7Cactive)$",
+        )
+        .await,
+    );
     assert_eq!(
         filtered.keys().cloned().collect::<Vec<_>>(),
         vec![format!("{P}tunnels_active"), format!("{P}tunnels_total")]
@@ -257,7 +286,11 @@ async fn counters_equal_what_was_sent_received_and_dropped() {
     let mut unique = types.clone();
     unique.sort();
     unique.dedup();
-    assert_eq!(types.len(), unique.len(), "a family's TYPE line appears once");
+    assert_eq!(
+        types.len(),
+        unique.len(),
+        "a family's TYPE line appears once"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -278,18 +311,27 @@ async fn admin_endpoints() {
     }
     let (status, body) = admin(a, "GET", "/nope").await;
     assert_eq!(status, 404);
-    assert!(body.starts_with("invalid path. admin commands are:"), "{body}");
+    assert!(
+        body.starts_with("invalid path. admin commands are:"),
+        "{body}"
+    );
     assert!(get(a, "/help").await.contains("/stats/prometheus"));
     assert_eq!(admin(a, "GET", "/stats?filter=(").await.0, 400);
 
     // Health checks: failing makes /ready 503 DRAINING without draining anything.
-    assert_eq!(admin(a, "POST", "/healthcheck/fail").await, (200, "OK\n".into()));
+    assert_eq!(
+        admin(a, "POST", "/healthcheck/fail").await,
+        (200, "OK\n".into())
+    );
     assert_eq!(admin(a, "GET", "/ready").await, (503, "DRAINING\n".into()));
     let (v, _) = parse_stats(&get(a, "/stats?filter=%5Eserver%5C.").await);
     assert_eq!((v["server.live"], v["server.state"]), (0, 1));
     let mut client = proxy.client(true).await;
     assert_eq!(client.open(PATH, &[], false).await.unwrap().status, 200);
-    assert_eq!(admin(a, "POST", "/healthcheck/ok").await, (200, "OK\n".into()));
+    assert_eq!(
+        admin(a, "POST", "/healthcheck/ok").await,
+        (200, "OK\n".into())
+    );
     assert_eq!(admin(a, "GET", "/ready").await, (200, "LIVE\n".into()));
 
     // Clusters, text and JSON.
@@ -298,7 +340,8 @@ async fn admin_endpoints() {
         clusters.contains(&format!("target::{}::health_flags::healthy", _target.addr)),
         "{clusters}"
     );
-    let cj: serde_json::Value = serde_json::from_str(&get(a, "/clusters?format=json").await).unwrap();
+    let cj: serde_json::Value =
+        serde_json::from_str(&get(a, "/clusters?format=json").await).unwrap();
     assert_eq!(cj["cluster_statuses"][0]["name"], "target");
     assert_eq!(
         cj["cluster_statuses"][0]["host_statuses"][0]["address"]["socket_address"]["port_value"],
@@ -337,7 +380,10 @@ async fn config_dump_round_trips() {
         ]
     );
     let text = dump["configs"][0]["bootstrap"].to_string();
-    assert!(!text.contains("PRIVATE KEY"), "the private key must not be dumped");
+    assert!(
+        !text.contains("PRIVATE KEY"),
+        "the private key must not be dumped"
+    );
     let text = text.replace(
         &serde_json::to_string(ferry::config_dump::REDACTED).unwrap(),
         &serde_json::to_string(&key).unwrap(),
@@ -440,15 +486,22 @@ async fn access_log_lines_for_success_rejection_drop_and_idle() {
 
     // 1. A tunnel that relays 3 datagrams each way and drops 2 (unknown context id,
     //    unknown capsule), then ends cleanly.
-    let mut t = client.open(PATH, &[("user-agent", "ferry-test")], false).await.unwrap();
+    let mut t = client
+        .open(PATH, &[("user-agent", "ferry-test")], false)
+        .await
+        .unwrap();
     for i in 0..3u8 {
         t.send_datagram(&[i; 10]).unwrap();
         recv_udp(&mut t).await;
     }
     t.send_datagram_with_context(5, b"x").unwrap();
     t.send_any_capsule(0x2a, b"y").await.unwrap();
-    proxy.wait_stat(&format!("{P}datagrams_dropped_unknown_context_id"), 1).await;
-    proxy.wait_stat(&format!("{P}datagrams_dropped_unknown_capsule"), 1).await;
+    proxy
+        .wait_stat(&format!("{P}datagrams_dropped_unknown_context_id"), 1)
+        .await;
+    proxy
+        .wait_stat(&format!("{P}datagrams_dropped_unknown_capsule"), 1)
+        .await;
     t.finish().await.unwrap();
     assert_eq!(recv_end(&mut t).await, Received::Finished);
     let lines = wait_lines(&json_path, 1).await;
@@ -458,7 +511,10 @@ async fn access_log_lines_for_success_rejection_drop_and_idle() {
     assert_eq!(ok["details"], "via_upstream");
     assert_eq!(ok["method"], "CONNECT");
     assert_eq!(ok["protocol"], "HTTP/3");
-    assert_eq!(ok["authority"], "foo.lyft.com:80", "Envoy logs the rewritten authority");
+    assert_eq!(
+        ok["authority"], "foo.lyft.com:80",
+        "Envoy logs the rewritten authority"
+    );
     assert_eq!(ok["target"], "foo.lyft.com:80");
     assert_eq!(ok["path"], PATH);
     assert_eq!(ok["upstream"], target.addr.to_string());
@@ -491,7 +547,10 @@ async fn access_log_lines_for_success_rejection_drop_and_idle() {
     assert_eq!(no["code"], 404);
     assert_eq!(no["flags"], "NR");
     assert_eq!(no["details"], "http_request_error");
-    assert!(no["proxy_status"].as_str().unwrap().contains("error=http_request_error"));
+    assert!(no["proxy_status"]
+        .as_str()
+        .unwrap()
+        .contains("error=http_request_error"));
     assert_eq!(no["upstream"], serde_json::Value::Null);
     assert_eq!(no["bytes_received"], 0);
     assert_eq!(no["target"], serde_json::Value::Null);
@@ -499,7 +558,10 @@ async fn access_log_lines_for_success_rejection_drop_and_idle() {
     // 3. A tunnel left idle: reset by stream_idle_timeout, flagged SI.
     let mut idle = client.open(PATH, &[], false).await.unwrap();
     assert_eq!(idle.status, 200);
-    assert!(matches!(recv_end(&mut idle).await, Received::Reset(_) | Received::Finished));
+    assert!(matches!(
+        recv_end(&mut idle).await,
+        Received::Reset(_) | Received::Finished
+    ));
     let lines = wait_lines(&json_path, 3).await;
     let si: serde_json::Value = serde_json::from_str(&lines[2]).unwrap();
     assert_eq!(si["code"], 200);
@@ -517,7 +579,10 @@ async fn access_log_lines_for_success_rejection_drop_and_idle() {
         .iter()
         .map(|l| re.captures(l).unwrap_or_else(|| panic!("{l:?}")))
         .collect();
-    assert_eq!((&caps[0][2], &caps[0][3], &caps[0][4], &caps[0][5]), ("200", "-", "30", "30"));
+    assert_eq!(
+        (&caps[0][2], &caps[0][3], &caps[0][4], &caps[0][5]),
+        ("200", "-", "30", "30")
+    );
     assert_eq!(&caps[0][7], "ferry-test");
     assert_eq!(&caps[0][8], "foo.lyft.com:80");
     assert_eq!(caps[0][9], target.addr.to_string());
@@ -615,8 +680,14 @@ async fn drain_listeners_keeps_open_tunnels_and_refuses_new_work() {
     assert_eq!(t.status, 200);
     echo(&mut t, b"before").await;
 
-    assert_eq!(admin(ferry.admin, "POST", "/drain_listeners").await, (200, "OK\n".into()));
-    assert_eq!(admin(ferry.admin, "GET", "/ready").await, (503, "DRAINING\n".into()));
+    assert_eq!(
+        admin(ferry.admin, "POST", "/drain_listeners").await,
+        (200, "OK\n".into())
+    );
+    assert_eq!(
+        admin(ferry.admin, "GET", "/ready").await,
+        (503, "DRAINING\n".into())
+    );
     // Wait for the GOAWAY to have been sent on the open connection.
     tokio::time::timeout(DEADLINE, async {
         while ferry.stat("http.ingress_http.downstream_cx_drain_close") < 1 {
@@ -630,7 +701,10 @@ async fn drain_listeners_keeps_open_tunnels_and_refuses_new_work() {
     echo(&mut t, b"during drain").await;
     // A new connection is refused.
     let refused = ferry.client().await;
-    assert!(refused.is_err(), "a new connection was accepted while draining");
+    assert!(
+        refused.is_err(),
+        "a new connection was accepted while draining"
+    );
     assert_eq!(
         ferry.stat("listener.127.0.0.1_0.downstream_cx_refused_draining"),
         1
@@ -688,7 +762,10 @@ async fn drain_time_closes_what_is_left() {
     echo(&mut t, b"b").await;
     // The tunnel is ended by the server (stream finished, or the connection closed).
     let end = recv_end(&mut t).await;
-    assert!(matches!(end, Received::Finished | Received::Reset(_)), "{end:?}");
+    assert!(
+        matches!(end, Received::Finished | Received::Reset(_)),
+        "{end:?}"
+    );
     assert!(started.elapsed() >= Duration::from_millis(300));
     ferry.wait_exit().await;
 }

@@ -322,3 +322,72 @@ async fn pass_through_forwards_custom_templates_unchanged() {
         "B never saw it"
     );
 }
+
+/// Wait until path-MTU discovery has raised a connection's datagram limit to its final
+/// value on loopback (quinn's discovery stops at 1,452-byte packets).
+async fn settled_max_datagram(conn: &quinn::Connection) -> usize {
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            if let Some(max) = conn.max_datagram_size() {
+                if max >= 1400 {
+                    return max;
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("path MTU discovery did not finish")
+}
+
+/// A datagram that fits the first hop but not the second is dropped and counted at the
+/// forwarder, never turned into a capsule (RFC 9297 section 3.5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datagram_that_fits_first_hop_but_not_second_is_dropped_and_counted() {
+    let (a, b, target) = chain().await;
+    // 64 tunnels take upstream stream ids 0..=252 on the forwarder's one connection to B,
+    // so the next one is stream 256: quarter stream id 64, a 2-byte varint.
+    let mut filler = a.client(true).await;
+    let mut keep = Vec::new();
+    for _ in 0..64 {
+        keep.push(filler.open(PATH, &[], false).await.unwrap());
+    }
+    b.wait_stat(&format!("{P}tunnels_active"), 64).await;
+    // A fresh client connection: its first tunnel is stream 0, a 1-byte quarter stream id.
+    let mut client = a.client(true).await;
+    let mut t = client.open(PATH, &[], false).await.unwrap();
+    assert_eq!(t.status, 200);
+    assert_eq!(t.stream_id, 0);
+    // Both hops run the same discovery to the same packet size on loopback. Traffic on
+    // the new tunnel lets both connections finish it.
+    t.send_datagram(b"warm up").unwrap();
+    recv_udp(&mut t).await;
+    let max = settled_max_datagram(&client.conn).await;
+    let max_first = settled_max_datagram(&filler.conn).await;
+    assert_eq!(
+        max, max_first,
+        "both client connections settled on the same limit"
+    );
+
+    // Quarter stream id (1) + context id (1) + payload fills the first hop exactly; on the
+    // second hop the quarter stream id takes 2 bytes: one too many.
+    let too_big = vec![0xab; max - 2];
+    t.send_datagram(&too_big).unwrap();
+    a.wait_stat(&format!("{P}datagrams_dropped_too_large"), 1)
+        .await;
+    // One byte less fits both hops.
+    let fits = vec![0xcd; max - 3];
+    t.send_datagram(&fits).unwrap();
+    let (_, got) = recv_udp(&mut t).await;
+    assert_eq!(got.len(), max - 3);
+    let seen = target.seen();
+    assert!(
+        seen.iter().all(|d| d.len() != max - 2),
+        "the oversized datagram reached the target"
+    );
+    assert_eq!(
+        b.stat(&format!("{P}downstream_rx_datagrams_capsule")),
+        0,
+        "never turned into a capsule"
+    );
+}

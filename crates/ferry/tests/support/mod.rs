@@ -6,6 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+
+pub mod tcp;
 use ferry::client::{ClientOptions, ClientTunnel, H3Client, Received};
 use ferry::server::{Server, ServerState};
 use tokio::net::UdpSocket;

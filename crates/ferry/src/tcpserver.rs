@@ -1,0 +1,331 @@
+//! The TCP listener: HTTP/2 (extended CONNECT, RFC 8441 + RFC 9298 section 3.4) and
+//! HTTP/1.1 (`Upgrade: connect-udp`, RFC 9298 section 3.2) on one socket, plaintext or TLS
+//! with ALPN. Datagrams travel as DATAGRAM capsules on the upgraded stream (RFC 9297
+//! section 3.5); the relay is the same as for HTTP/3 streams.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use ferry_config::{CodecType, Listener};
+use ferry_proto::request::{Rejection, RequestHead};
+use http::{HeaderValue, Response, StatusCode, Version};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::task::JoinSet;
+
+use crate::decide::{self, Plan};
+use crate::h3server::ListenerCtx;
+use crate::shutdown::Waiter;
+use crate::stats::GaugeGuard;
+use crate::stream::{IoRecv, IoSend};
+use crate::tunnel;
+
+pub struct TcpListener {
+    listener: tokio::net::TcpListener,
+    pub local_addr: SocketAddr,
+    ctx: Arc<ListenerCtx>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    codec: CodecType,
+    /// `Alt-Svc` advertising the bootstrap's HTTP/3 listener, when there is one.
+    alt_svc: Option<HeaderValue>,
+}
+
+/// Any accepted byte stream: TCP or TLS over TCP.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+impl TcpListener {
+    /// Bind the listener's socket. Nothing is served until [`TcpListener::serve`].
+    pub fn bind(
+        listener: &Listener,
+        ctx: Arc<ListenerCtx>,
+        alt_svc: Option<String>,
+    ) -> Result<Self, String> {
+        let name = &listener.name;
+        let tls = match &listener.filter_chain.tls {
+            Some(tls) => {
+                let alpn: Vec<&[u8]> = if tls.alpn_protocols.is_empty() {
+                    vec![b"h2", b"http/1.1"]
+                } else {
+                    tls.alpn_protocols.iter().map(|p| p.as_bytes()).collect()
+                };
+                let config = crate::tls::tcp_server_config(tls, &alpn)
+                    .map_err(|e| format!("listener {name}: {e}"))?;
+                Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+            }
+            None => None,
+        };
+        let std = std::net::TcpListener::bind(listener.address)
+            .map_err(|e| format!("listener {name}: cannot bind {}: {e}", listener.address))?;
+        std.set_nonblocking(true)
+            .map_err(|e| format!("listener {name}: {e}"))?;
+        let listener_sock =
+            tokio::net::TcpListener::from_std(std).map_err(|e| format!("listener {name}: {e}"))?;
+        let local_addr = listener_sock
+            .local_addr()
+            .map_err(|e| format!("listener {name}: {e}"))?;
+        let alt_svc = alt_svc.and_then(|v| HeaderValue::from_str(&v).ok());
+        Ok(TcpListener {
+            listener: listener_sock,
+            local_addr,
+            codec: listener.filter_chain.hcm.codec_type,
+            ctx,
+            tls,
+            alt_svc,
+        })
+    }
+
+    /// Accept connections until shutdown. Once draining, new connections are closed at once.
+    pub async fn serve(self, mut shutdown: Waiter) {
+        let mut conns = JoinSet::new();
+        let mut drain = self.ctx.drain.subscribe();
+        let mut draining = false;
+        loop {
+            tokio::select! {
+                accepted = self.listener.accept() => {
+                    let Ok((tcp, peer)) = accepted else { continue };
+                    if draining {
+                        if let Some(l) = &self.ctx.stats.listener {
+                            l.downstream_cx_refused_draining.inc();
+                        }
+                        drop(tcp);
+                        continue;
+                    }
+                    let _ = tcp.set_nodelay(true);
+                    let ctx = self.ctx.clone();
+                    let tls = self.tls.clone();
+                    let alt_svc = self.alt_svc.clone();
+                    let codec = self.codec;
+                    let open = ctx.connections.open();
+                    let shutdown = ctx.shutdown.subscribe();
+                    conns.spawn(async move {
+                        handle_connection(tcp, peer, ctx, tls, codec, alt_svc, shutdown).await;
+                        drop(open);
+                    });
+                }
+                _ = drain.wait(), if !draining => draining = true,
+                Some(res) = conns.join_next(), if !conns.is_empty() => {
+                    if let Err(e) = res {
+                        if e.is_panic() {
+                            tracing::error!(listener = %self.ctx.name, "connection task panicked: {e}");
+                        }
+                    }
+                }
+                _ = shutdown.wait() => break,
+            }
+        }
+        conns.shutdown().await;
+    }
+}
+
+async fn handle_connection(
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<ListenerCtx>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    codec: CodecType,
+    alt_svc: Option<HeaderValue>,
+    shutdown: Waiter,
+) {
+    let io: Box<dyn Io> = match tls {
+        Some(acceptor) => match acceptor.accept(tcp).await {
+            Ok(s) => Box::new(s),
+            Err(e) => {
+                tracing::debug!(%peer, "TLS handshake failed: {e}");
+                return;
+            }
+        },
+        None => Box::new(tcp),
+    };
+    let cx_stats = ctx.clone();
+    let _cx = cx_stats.stats.connection();
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder = match codec {
+        CodecType::Http1 => builder.http1_only(),
+        CodecType::Http2 => builder.http2_only(),
+        _ => builder,
+    };
+    if ctx.hcm.load().allow_connect {
+        //= https://www.rfc-editor.org/rfc/rfc8441#section-3
+        //# SETTINGS_ENABLE_CONNECT_PROTOCOL ... Ferry sends it only when
+        //# http2_protocol_options.allow_connect is true, as Envoy does.
+        builder.http2().enable_connect_protocol();
+    }
+    let svc = hyper::service::service_fn(move |req| {
+        let ctx = ctx.clone();
+        let alt_svc = alt_svc.clone();
+        let shutdown = shutdown.clone();
+        async move { Ok::<_, Infallible>(handle_request(req, &ctx, alt_svc, shutdown).await) }
+    });
+    if let Err(e) = builder
+        .serve_connection_with_upgrades(TokioIo::new(io), svc)
+        .await
+    {
+        tracing::debug!(%peer, "connection ended: {e}");
+    }
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn header_str<'a>(req: &'a hyper::Request<Incoming>, name: &str) -> Option<&'a str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// HTTP/1.1: the `Upgrade` token, when `Connection` names `upgrade`.
+fn upgrade_token(req: &hyper::Request<Incoming>) -> Option<&str> {
+    let connection_upgrade = req
+        .headers()
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if connection_upgrade {
+        header_str(req, "upgrade")
+    } else {
+        None
+    }
+}
+
+fn error_response(rejection: &Rejection, ctx: &ListenerCtx, alt_svc: &Option<HeaderValue>) -> Resp {
+    ctx.stats.response(rejection.status);
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = StatusCode::from_u16(rejection.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    if let Ok(v) = HeaderValue::from_str(&rejection.proxy_status()) {
+        resp.headers_mut().insert("proxy-status", v);
+    }
+    if let Some(v) = alt_svc {
+        resp.headers_mut().insert(http::header::ALT_SVC, v.clone());
+    }
+    resp
+}
+
+async fn handle_request(
+    mut req: hyper::Request<Incoming>,
+    ctx: &ListenerCtx,
+    alt_svc: Option<HeaderValue>,
+    shutdown: Waiter,
+) -> Resp {
+    let _rq = ctx.stats.request();
+    let hcm = ctx.hcm.load_full();
+    let h1 = req.version() < Version::HTTP_2;
+    let protocol = if h1 {
+        upgrade_token(&req)
+    } else {
+        req.extensions()
+            .get::<hyper::ext::Protocol>()
+            .map(|p| p.as_str())
+    };
+    let hosts = req.headers().get_all(http::header::HOST).iter().count();
+    let head = RequestHead {
+        method: req.method().as_str(),
+        protocol,
+        path: req.uri().path_and_query().map(|p| p.as_str()),
+        authority: if h1 {
+            header_str(&req, "host")
+        } else {
+            req.uri().authority().map(|a| a.as_str())
+        },
+        scheme: req.uri().scheme_str(),
+        capsule_protocol: header_str(&req, "capsule-protocol"),
+    };
+    let is_connect_udp = ferry_proto::request::is_connect_udp(&head);
+    let mut plan = decide::decide(&hcm, &head);
+    //= https://www.rfc-editor.org/rfc/rfc9298#section-3.2
+    //# the request SHALL include a single Host header field containing the host and
+    //# optional port of the UDP proxy.
+    if h1 && is_connect_udp && hosts != 1 {
+        plan = Err(decide::reject(
+            400,
+            Some("http_request_error"),
+            format!(
+                "an HTTP/1.1 CONNECT-UDP request needs exactly one Host header ({hosts} found)"
+            ),
+        ));
+    }
+    tracing::debug!(method = head.method, path = ?head.path, h1, ?plan, "request");
+    let cluster = match plan {
+        Ok(Plan::Terminate { cluster, .. }) => cluster,
+        Ok(Plan::Forward { .. }) => {
+            let r = decide::reject(
+                501,
+                Some("proxy_configuration_error"),
+                "forwarding CONNECT-UDP from HTTP/2 or HTTP/1.1 is not implemented yet",
+            );
+            ctx.stats.connect_udp.rejected(r.status);
+            return error_response(&r, ctx, &alt_svc);
+        }
+        Err(r) => {
+            if is_connect_udp {
+                ctx.stats.connect_udp.rejected(r.status);
+            }
+            return error_response(&r, ctx, &alt_svc);
+        }
+    };
+    // Over HTTP/2, hyper moves a CONNECT stream into the upgrade and shows an empty body
+    // whatever the client sent, so END_STREAM on the HEADERS (Envoy: 400) cannot be seen
+    // here: such a tunnel opens and ends at once with the stream (see the README).
+    let (shared, addr) =
+        match tunnel::open_target(&ctx.clusters.load(), &cluster, &ctx.stats.connect_udp) {
+            Ok(v) => v,
+            Err(r) => {
+                ctx.stats.connect_udp.rejected(r.status);
+                return error_response(&r, ctx, &alt_svc);
+            }
+        };
+
+    // Counted before the response leaves: whoever has seen it sees the counters too.
+    let stats = &ctx.stats.connect_udp;
+    ctx.stats.response(if h1 { 101 } else { 200 });
+    stats.tunnels_total.inc();
+    ctx.stats.downstream_cx_upgrades_total.inc();
+    let tunnel_active = GaugeGuard::new(&stats.tunnels_active);
+    let upgrade_active = GaugeGuard::new(&ctx.stats.downstream_cx_upgrades_active);
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let stats = stats.clone();
+    let idle = hcm.stream_idle_timeout;
+    tokio::spawn(async move {
+        let _active = (tunnel_active, upgrade_active);
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!("upgrade failed: {e}");
+                return;
+            }
+        };
+        tracing::debug!(%addr, h1, "tunnel open");
+        let (rd, wr) = tokio::io::split(TokioIo::new(upgraded));
+        let (mut recv, mut send) = (IoRecv::new(rd), IoSend(wr));
+        let end = tunnel::relay(&mut recv, &mut send, None, &shared, None, idle, shutdown).await;
+        tracing::debug!(%addr, ?end, "tunnel closed");
+        tunnel::close(&mut send, end, &stats).await;
+    });
+
+    //= https://www.rfc-editor.org/rfc/rfc9298#section-3.3
+    //# Upon receiving a UDP proxying request that it can fulfil, the UDP proxy ... responds
+    //# with a 101 (Switching Protocols) status code, with the "Upgrade" header field set to
+    //# "connect-udp" (HTTP/1.1); a 2xx status code (HTTP/2, section 3.5).
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    let headers = resp.headers_mut();
+    headers.insert("capsule-protocol", HeaderValue::from_static("?1"));
+    if let Some(v) = alt_svc {
+        headers.insert(http::header::ALT_SVC, v);
+    }
+    if h1 {
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let headers = resp.headers_mut();
+        headers.insert(
+            http::header::CONNECTION,
+            HeaderValue::from_static("upgrade"),
+        );
+        headers.insert(
+            http::header::UPGRADE,
+            HeaderValue::from_static("connect-udp"),
+        );
+    }
+    resp
+}
