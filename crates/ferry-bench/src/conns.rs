@@ -136,9 +136,7 @@ pub async fn tunnels(
         for (_, c, _) in &conns {
             c.conn.close(quinn::VarInt::from_u32(0), b"bench done");
         }
-        for (ep, _, _) in &conns {
-            let _ = tokio::time::timeout(Duration::from_secs(1), ep.wait_idle()).await;
-        }
+        setup::wait_idle(conns.into_iter().map(|(ep, _, _)| ep).collect()).await;
     }
     let after = proxy_pid.and_then(|p| procstat::read(Some(p)));
     Ok(TunnelsResult {

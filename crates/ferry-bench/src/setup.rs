@@ -76,10 +76,7 @@ impl Ready {
                 c.close(quinn::VarInt::from_u32(0), b"bench done");
             }
         }
-        let endpoints = std::mem::take(&mut self._endpoints);
-        for ep in endpoints {
-            let _ = tokio::time::timeout(Duration::from_secs(1), ep.wait_idle()).await;
-        }
+        wait_idle(std::mem::take(&mut self._endpoints)).await;
     }
 
     /// Wait until echoes stop arriving (at most `max`): after an overload, the proxy's
@@ -248,6 +245,18 @@ pub async fn open_tunnels(
         },
         per_conn,
     ))
+}
+
+/// Wait (at most 2 s in all) until every endpoint has told its peers it is closing.
+pub async fn wait_idle(endpoints: Vec<quinn::Endpoint>) {
+    let mut set = JoinSet::new();
+    for ep in endpoints {
+        set.spawn(async move { ep.wait_idle().await });
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while set.join_next().await.is_some() {}
+    })
+    .await;
 }
 
 pub fn record(h: &mut Histogram<u64>, d: Duration) {

@@ -95,6 +95,18 @@ impl ResponseFlag {
     }
 }
 
+/// The downstream connection a request came on, for its access log line.
+#[derive(Debug, Clone, Default)]
+pub struct DownstreamConnection {
+    /// Envoy's `%PROTOCOL%`: `HTTP/3`, `HTTP/2`, `HTTP/1.1`.
+    pub protocol: &'static str,
+    pub remote: Option<SocketAddr>,
+    pub local: Option<SocketAddr>,
+    pub id: u64,
+    /// SNI.
+    pub server_name: Option<String>,
+}
+
 /// What is known about one request (for a CONNECT-UDP request: one tunnel), for its access
 /// log line and its histograms.
 #[derive(Debug)]
@@ -138,7 +150,7 @@ pub struct RequestRecord {
 }
 
 impl RequestRecord {
-    /// A record for a request that just arrived on `conn`.
+    /// A record for a request that just arrived on the HTTP/3 connection `conn`.
     pub fn new(
         req: &http::Request<()>,
         conn: &quinn::Connection,
@@ -153,14 +165,31 @@ impl RequestRecord {
             .local_ip()
             .map(|ip| SocketAddr::new(ip, listener.port()))
             .unwrap_or(listener);
+        let connection = DownstreamConnection {
+            protocol: "HTTP/3",
+            remote: Some(conn.remote_address()),
+            local: Some(local),
+            id: conn.stable_id() as u64,
+            server_name,
+        };
+        Self::from_request(req, connection, keep_headers)
+    }
+
+    /// A record for a request that just arrived on any downstream connection (HTTP/2 and
+    /// HTTP/1.1 listeners fill `connection` themselves).
+    pub fn from_request(
+        req: &http::Request<()>,
+        connection: DownstreamConnection,
+        keep_headers: bool,
+    ) -> Self {
         RequestRecord {
             start_time: SystemTime::now(),
             started: Instant::now(),
-            protocol: "HTTP/3",
-            downstream_remote: Some(conn.remote_address()),
-            downstream_local: Some(local),
-            connection_id: conn.stable_id() as u64,
-            requested_server_name: server_name,
+            protocol: connection.protocol,
+            downstream_remote: connection.remote,
+            downstream_local: connection.local,
+            connection_id: connection.id,
+            requested_server_name: connection.server_name,
             method: req.method().as_str().to_owned(),
             connect_protocol: req
                 .extensions()

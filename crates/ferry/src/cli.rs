@@ -1,6 +1,8 @@
 //! The command line, mirroring Envoy's flags.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
@@ -71,11 +73,55 @@ pub struct Args {
     /// Accepted for compatibility with Envoy's command line (hot restart only).
     #[arg(long = "parent-shutdown-time-s")]
     pub parent_shutdown_time_s: Option<u64>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Tunnel local UDP through a CONNECT-UDP proxy: every local peer that sends to
+    /// --listen gets its own tunnel to --target.
+    Client(ClientArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ClientArgs {
+    /// The proxy, `https://HOST:PORT` (HTTP/3 over UDP).
+    #[arg(long)]
+    pub proxy: String,
+    /// Where the tunnels go: `HOST:PORT` (an IPv6 literal in brackets).
+    #[arg(long)]
+    pub target: String,
+    /// The local UDP address to listen on (port 0 picks one; it is printed).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// PEM file with the CA certificate(s) that sign the proxy's certificate.
+    #[arg(long, conflicts_with = "insecure")]
+    pub ca: Option<PathBuf>,
+    /// Do not verify the proxy's certificate (tests only).
+    #[arg(long)]
+    pub insecure: bool,
+    /// A URI template other than the default
+    /// `https://HOST:PORT/.well-known/masque/udp/{target_host}/{target_port}/`.
+    #[arg(long)]
+    pub template: Option<String>,
+    /// Use HTTP/2 instead of HTTP/3 (not implemented yet).
+    #[arg(long)]
+    pub http2: bool,
+    /// Send datagrams as DATAGRAM capsules on the stream, never as QUIC datagrams.
+    #[arg(long)]
+    pub capsules: bool,
+    /// Close a tunnel after this many seconds without traffic.
+    #[arg(long, default_value_t = 120)]
+    pub idle_timeout_s: u64,
 }
 
 pub fn main() -> ExitCode {
     let args = Args::parse();
     init_logging(args.log_level);
+    if let Some(Command::Client(c)) = args.command {
+        return client_main(c, args.concurrency);
+    }
     let Some(path) = args.config_path.clone() else {
         eprintln!("ferry: a config is required: -c/--config-path FILE");
         return ExitCode::from(1);
@@ -193,4 +239,105 @@ fn init_logging(level: LogLevel) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
+}
+
+/// `ferry client`: resolve the arguments, bind, print the local address, tunnel.
+fn client_main(args: ClientArgs, concurrency: Option<usize>) -> ExitCode {
+    match client_config(&args) {
+        Ok(config) => {
+            let mut rt = tokio::runtime::Builder::new_multi_thread();
+            rt.enable_all();
+            if let Some(n) = concurrency {
+                rt.worker_threads(n.max(1));
+            }
+            let rt = match rt.build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("ferry client: cannot start the runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            rt.block_on(async move {
+                let socket = match tokio::net::UdpSocket::bind(args.listen).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("ferry client: cannot bind {}: {e}", args.listen);
+                        return ExitCode::from(1);
+                    }
+                };
+                match socket.local_addr() {
+                    Ok(a) => println!("listening on {a}"),
+                    Err(e) => {
+                        eprintln!("ferry client: {e}");
+                        return ExitCode::from(1);
+                    }
+                }
+                match crate::encap::run(socket, config).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("ferry client: {e}");
+                        ExitCode::from(1)
+                    }
+                }
+            })
+        }
+        Err(e) => {
+            eprintln!("ferry client: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn client_config(args: &ClientArgs) -> Result<crate::encap::EncapConfig, String> {
+    use ferry_proto::template::UriTemplate;
+    if args.http2 {
+        return Err("--http2 is not implemented yet; ferry client speaks HTTP/3".into());
+    }
+    let rest = args
+        .proxy
+        .strip_prefix("https://")
+        .ok_or("--proxy must be https://HOST:PORT")?
+        .trim_end_matches('/');
+    let (host, port) = rest
+        .rsplit_once(':')
+        .ok_or("--proxy must name a port: https://HOST:PORT")?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port: u16 = port.parse().map_err(|_| format!("bad proxy port `{port}`"))?;
+    let proxy = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+        .map_err(|e| format!("cannot resolve proxy {host}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("proxy {host} has no address"))?;
+    let (thost, tport) = args
+        .target
+        .rsplit_once(':')
+        .ok_or("--target must be HOST:PORT")?;
+    let thost = thost.trim_start_matches('[').trim_end_matches(']');
+    let tport: u16 = tport
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("bad target port `{tport}` (1..=65535)"))?;
+    let template = match &args.template {
+        Some(t) => UriTemplate::parse(t).map_err(|e| format!("--template: {e}"))?,
+        None => UriTemplate::default_template(),
+    };
+    let ca_pem = match &args.ca {
+        Some(path) => Some(
+            std::fs::read_to_string(path).map_err(|e| format!("--ca {}: {e}", path.display()))?,
+        ),
+        None if args.insecure => None,
+        None => return Err("give --ca FILE to verify the proxy, or --insecure".into()),
+    };
+    Ok(crate::encap::EncapConfig {
+        proxy,
+        client: crate::client::ClientOptions {
+            server_name: host.to_string(),
+            ca_pem,
+            insecure: args.insecure,
+            datagrams: !args.capsules,
+        },
+        path: template.expand_path(thost, tport),
+        target: args.target.clone(),
+        idle_timeout: Duration::from_secs(args.idle_timeout_s.max(1)),
+    })
 }

@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod config_dump;
 pub mod decide;
 pub mod demux;
+pub mod encap;
 pub mod forward;
 pub mod h3server;
 pub mod quic;

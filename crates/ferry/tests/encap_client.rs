@@ -1,0 +1,62 @@
+//! `ferry client`'s session logic: local UDP peers each get a tunnel through the proxy.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::time::Duration;
+
+use ferry::client::ClientOptions;
+use ferry::encap::{self, EncapConfig};
+use support::*;
+use tokio::net::UdpSocket;
+
+async fn local_client(proxy: &Proxy, datagrams: bool) -> std::net::SocketAddr {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    let config = EncapConfig {
+        proxy: proxy.addr,
+        client: ClientOptions {
+            server_name: "localhost".into(),
+            ca_pem: Some(proxy.cert.cert_pem.clone()),
+            insecure: false,
+            datagrams,
+        },
+        path: PATH.into(),
+        target: "foo.lyft.com:80".into(),
+        idle_timeout: Duration::from_secs(30),
+    };
+    tokio::spawn(encap::run(socket, config));
+    addr
+}
+
+async fn exchange(app: &UdpSocket, to: std::net::SocketAddr, payload: &[u8]) -> Vec<u8> {
+    app.send_to(payload, to).await.unwrap();
+    let mut buf = vec![0u8; 65536];
+    let (n, _) = tokio::time::timeout(DEADLINE, app.recv_from(&mut buf))
+        .await
+        .expect("no reply through the tunnel")
+        .unwrap();
+    buf.truncate(n);
+    buf
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_local_peer_gets_its_own_tunnel() {
+    let (proxy, target) = start_default().await;
+    for datagrams in [true, false] {
+        let listen = local_client(&proxy, datagrams).await;
+        let a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let b = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        for i in 0..5u8 {
+            assert_eq!(exchange(&a, listen, &[b'a', i]).await, vec![b'a', i]);
+            assert_eq!(exchange(&b, listen, &[b'b', i]).await, vec![b'b', i]);
+        }
+    }
+    // Two peers, two clients (datagram and capsule mode): four tunnels, one connection each.
+    assert_eq!(proxy.stat("http.ingress_http.connect_udp.tunnels_total"), 4);
+    assert_eq!(proxy.stat("http.ingress_http.downstream_cx_total"), 2);
+    assert_eq!(target.seen().len(), 20);
+    proxy
+        .wait_stat("http.ingress_http.connect_udp.downstream_rx_datagrams_capsule", 10)
+        .await;
+}
