@@ -74,10 +74,16 @@ impl Tunnel {
 
 pub enum Io {
     Quic(quinn::Connection),
+    /// `--direct`: a UDP socket connected to the target, read with recvmmsg/GRO and written
+    /// with GSO batches (quinn-udp), as efficient as quinn's own socket handling.
     Udp {
         /// A second handle on the same socket, for the pacer thread.
         sync: std::net::UdpSocket,
         socket: tokio::net::UdpSocket,
+        state: quinn_udp::UdpSocketState,
+        target: std::net::SocketAddr,
+        /// Send bursts as GSO batches (else one system call per datagram).
+        gso: bool,
     },
 }
 
@@ -207,10 +213,64 @@ impl Lane {
                 .map(|_| ())
                 .map_err(|e| e.to_string()),
         };
+        self.note_result(r, 1)
+    }
+
+    /// `--direct`, open loop: send the next datagram of each tunnel in `locals` (all on this
+    /// lane) as GSO batches, one system call per batch.
+    pub fn send_batch(&self, locals: &[usize], epoch: u32, s: &mut Scratch) {
+        let Io::Udp {
+            sync,
+            state,
+            target,
+            gso: true,
+            ..
+        } = &self.io
+        else {
+            for &l in locals {
+                self.send(l, epoch, s);
+            }
+            return;
+        };
+        let size = self.payload_len.max(HEADER_LEN);
+        // A GSO batch is one IP packet to the kernel: at most 64 KiB in all.
+        let max_segments = state.max_gso_segments().min(65_000 / size).clamp(1, 64);
+        for chunk in locals.chunks(max_segments) {
+            s.payload.clear();
+            for &local in chunk {
+                let Some(t) = self.tunnels.get(local) else {
+                    continue;
+                };
+                let seq = t.sent.fetch_add(1, Ordering::Relaxed);
+                let fields = Fields {
+                    lane: self.id,
+                    tunnel: local as u16,
+                    epoch,
+                    seq,
+                    sent_ns: now_ns(),
+                };
+                let start = s.payload.len();
+                fields.put(&mut s.payload);
+                s.payload.resize(start + size, 0);
+            }
+            let n = s.payload.len() / size;
+            let t = quinn_udp::Transmit {
+                destination: *target,
+                ecn: None,
+                contents: &s.payload,
+                segment_size: (n > 1).then_some(size),
+                src_ip: None,
+            };
+            let r = state.try_send(sync.into(), &t).map_err(|e| e.to_string());
+            self.note_result(r, n as u64);
+        }
+    }
+
+    fn note_result(&self, r: Result<(), String>, n: u64) -> bool {
         match r {
             Ok(()) => true,
             Err(e) => {
-                if self.send_errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                if self.send_errors.fetch_add(n, Ordering::Relaxed) == 0 {
                     if let Ok(mut f) = self.first_error.lock() {
                         f.get_or_insert(e);
                     }
@@ -229,11 +289,28 @@ impl Lane {
                     self.on_h3_datagram(&dg, &mut scratch);
                 }
             }
-            Io::Udp { socket, .. } => {
-                let mut buf = vec![0u8; 65536];
-                while let Ok(n) = socket.recv(&mut buf).await {
-                    if let Some(p) = buf.get(..n) {
-                        self.on_payload(p, None, &mut scratch);
+            Io::Udp { socket, state, .. } => {
+                use std::io::IoSliceMut;
+                let mut bufs: Vec<Vec<u8>> = (0..quinn_udp::BATCH_SIZE)
+                    .map(|_| vec![0u8; 65536])
+                    .collect();
+                let mut meta = vec![quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
+                loop {
+                    let r = socket
+                        .async_io(tokio::io::Interest::READABLE, || {
+                            let mut slices: Vec<IoSliceMut<'_>> =
+                                bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+                            state.recv(socket.into(), &mut slices, &mut meta)
+                        })
+                        .await;
+                    let Ok(n) = r else { break };
+                    for (m, buf) in meta.iter().zip(bufs.iter()).take(n) {
+                        let Some(data) = buf.get(..m.len) else {
+                            continue;
+                        };
+                        for p in data.chunks(m.stride.max(1)) {
+                            self.on_payload(p, None, &mut scratch);
+                        }
                     }
                 }
             }

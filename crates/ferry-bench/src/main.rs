@@ -100,7 +100,8 @@ struct Common {
     /// A name for progress lines and the JSON.
     #[arg(long)]
     label: Option<String>,
-    /// Turn off UDP segmentation offload (GSO) on the client's QUIC sockets.
+    /// Turn off UDP segmentation offload (GSO) on the client's sockets (with --direct: one
+    /// system call per datagram sent).
     #[arg(long)]
     no_gso: bool,
     /// Turn off path-MTU discovery on the client's QUIC connections (packets stay at 1,200
@@ -251,7 +252,10 @@ fn proxy_options(c: &Common) -> Result<Option<h3client::ProxyOptions>, String> {
 fn mode(c: &Common) -> Result<setup::Mode, String> {
     match proxy_options(c)? {
         Some(o) if !c.direct => Ok(setup::Mode::Proxy(o)),
-        _ => Ok(setup::Mode::Direct { target: c.target }),
+        _ => Ok(setup::Mode::Direct {
+            target: c.target,
+            gso: !c.no_gso,
+        }),
     }
 }
 
@@ -274,8 +278,8 @@ async fn ready(m: &setup::Mode, t: &Traffic, quiet: bool) -> Result<setup::Ready
             let opened = setup::open_proxy(o, t.connections, t.tunnels, t.open_concurrency).await?;
             setup::ready_proxy(opened, t.size).await?
         }
-        setup::Mode::Direct { target } => {
-            setup::ready_direct(*target, t.connections, t.tunnels, t.size).await?
+        setup::Mode::Direct { target, gso } => {
+            setup::ready_direct(*target, t.connections, t.tunnels, t.size, *gso).await?
         }
     };
     if !quiet {

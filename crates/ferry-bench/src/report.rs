@@ -116,6 +116,24 @@ pub struct Trial {
     pub ok: Option<bool>,
     pub proxy: Option<Usage>,
     pub client: Option<Usage>,
+    /// The client's QUIC view of its connections (client -> proxy direction), summed over
+    /// connections during the trial; `None` when direct.
+    pub quic: Option<QuicPath>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct QuicPath {
+    /// Packets the client declared lost, and congestion events (loss or ECN) it reacted to.
+    pub lost_packets: u64,
+    pub congestion_events: u64,
+    pub sent_packets: u64,
+    /// UDP datagrams (GSO batches count as one) the client sent and received.
+    pub udp_tx_datagrams: u64,
+    pub udp_rx_datagrams: u64,
+    /// At the end of the trial: the largest smoothed RTT and the smallest congestion window
+    /// over the connections.
+    pub rtt_us: f64,
+    pub cwnd_bytes: u64,
 }
 
 impl Trial {

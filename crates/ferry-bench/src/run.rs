@@ -79,6 +79,7 @@ pub async fn trial(ready: &Ready, ctx: &mut Ctx, load: Load, duration: Duration)
         l.begin_epoch(epoch);
     }
     let frames_before: Vec<Option<u64>> = lanes.iter().map(|l| l.counts().frames_tx).collect();
+    let quic_before = quic_path(lanes, None);
     if let Some(pid) = ctx.proxy_pid {
         procstat::reset_peak(pid);
     }
@@ -152,6 +153,7 @@ pub async fn trial(ready: &Ready, ctx: &mut Ctx, load: Load, duration: Duration)
         l.epoch.store(0, Ordering::Release);
     }
 
+    let quic = quic_path(lanes, quic_before);
     let per_lane = totals(lanes);
     let c = sum(&per_lane);
     let mut client_dropped = None;
@@ -218,7 +220,38 @@ pub async fn trial(ready: &Ready, ctx: &mut Ctx, load: Load, duration: Duration)
         ok: None,
         proxy: procstat::usage(proxy_before, proxy_after, wall),
         client: procstat::usage(client_before, client_after, wall),
+        quic,
     }
+}
+
+/// The QUIC connections' own counters, as a difference from `before` when given.
+fn quic_path(lanes: &[Arc<Lane>], before: Option<report::QuicPath>) -> Option<report::QuicPath> {
+    let mut p: Option<report::QuicPath> = None;
+    for l in lanes {
+        let crate::lanes::Io::Quic(conn) = &l.io else {
+            continue;
+        };
+        let s = conn.stats();
+        let q = p.get_or_insert(report::QuicPath {
+            cwnd_bytes: u64::MAX,
+            ..Default::default()
+        });
+        q.lost_packets += s.path.lost_packets;
+        q.congestion_events += s.path.congestion_events;
+        q.sent_packets += s.path.sent_packets;
+        q.udp_tx_datagrams += s.udp_tx.datagrams;
+        q.udp_rx_datagrams += s.udp_rx.datagrams;
+        q.rtt_us = q.rtt_us.max(s.path.rtt.as_secs_f64() * 1e6);
+        q.cwnd_bytes = q.cwnd_bytes.min(s.path.cwnd);
+    }
+    if let (Some(q), Some(b)) = (p.as_mut(), before) {
+        q.lost_packets -= b.lost_packets.min(q.lost_packets);
+        q.congestion_events -= b.congestion_events.min(q.congestion_events);
+        q.sent_packets -= b.sent_packets.min(q.sent_packets);
+        q.udp_tx_datagrams -= b.udp_tx_datagrams.min(q.udp_tx_datagrams);
+        q.udp_rx_datagrams -= b.udp_rx_datagrams.min(q.udp_rx_datagrams);
+    }
+    p
 }
 
 /// Open loop: send `rate` datagrams/s round robin over every tunnel of every lane for
@@ -238,6 +271,13 @@ fn pace(lanes: &[Arc<Lane>], epoch: u32, rate: f64, duration: Duration, tick: Du
         return 0.0;
     }
     let mut scratch = Scratch::default();
+    // Direct lanes send a burst as GSO batches; QUIC lanes hand each datagram to quinn,
+    // which batches on its own.
+    let direct: Vec<bool> = lanes
+        .iter()
+        .map(|l| matches!(l.io, crate::lanes::Io::Udp { .. }))
+        .collect();
+    let mut pending: Vec<Vec<usize>> = lanes.iter().map(|_| Vec::new()).collect();
     let start = Instant::now();
     let mut sent: u64 = 0;
     let mut i = 0usize;
@@ -250,9 +290,13 @@ fn pace(lanes: &[Arc<Lane>], epoch: u32, rate: f64, duration: Duration, tick: Du
         let due = (el.as_secs_f64() * rate) as u64 + 1;
         let mut burst = 0;
         while sent < due && burst < MAX_BURST {
-            if let Some((li, t)) = order.get(i) {
-                if let Some(l) = lanes.get(*li) {
-                    l.send(*t, epoch, &mut scratch);
+            if let Some(&(li, t)) = order.get(i) {
+                match (lanes.get(li), direct.get(li), pending.get_mut(li)) {
+                    (Some(_), Some(true), Some(p)) => p.push(t),
+                    (Some(l), _, _) => {
+                        l.send(t, epoch, &mut scratch);
+                    }
+                    _ => {}
                 }
             }
             i += 1;
@@ -261,6 +305,12 @@ fn pace(lanes: &[Arc<Lane>], epoch: u32, rate: f64, duration: Duration, tick: Du
             }
             sent += 1;
             burst += 1;
+        }
+        for (l, p) in lanes.iter().zip(pending.iter_mut()) {
+            if !p.is_empty() {
+                l.send_batch(p, epoch, &mut scratch);
+                p.clear();
+            }
         }
         if sent >= due {
             let next = Duration::from_secs_f64(sent as f64 / rate);

@@ -21,7 +21,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub enum Mode {
     Proxy(ProxyOptions),
-    Direct { target: SocketAddr },
+    Direct { target: SocketAddr, gso: bool },
 }
 
 impl Mode {
@@ -349,6 +349,7 @@ pub async fn ready_direct(
     connections: usize,
     tunnels: usize,
     payload_len: usize,
+    gso: bool,
 ) -> Result<Ready, String> {
     let n = connections.max(1);
     let mut lanes = Vec::new();
@@ -362,12 +363,19 @@ pub async fn ready_direct(
             .map_err(|e| format!("bind: {e}"))?;
         s.connect(target).map_err(|e| format!("connect: {e}"))?;
         s.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let state = quinn_udp::UdpSocketState::new((&s).into()).map_err(|e| e.to_string())?;
         let sync = s.try_clone().map_err(|e| e.to_string())?;
         let socket = tokio::net::UdpSocket::from_std(s).map_err(|e| e.to_string())?;
         let tunnels = (0..count).map(|_| Tunnel::new(None)).collect();
         lanes.push(Arc::new(Lane::new(
             id,
-            Io::Udp { sync, socket },
+            Io::Udp {
+                sync,
+                socket,
+                state,
+                target,
+                gso,
+            },
             tunnels,
             payload_len,
         )?));

@@ -289,6 +289,11 @@ impl RequestRecord {
                 Some(ResponseFlag::DownstreamConnectionTermination),
             ),
             End::Shutdown => ("shutdown", None),
+            End::NextHopFinished => ("next_hop_finished", None),
+            End::NextHopGone => (
+                "next_hop_gone",
+                Some(ResponseFlag::UpstreamConnectionTermination),
+            ),
             End::Reset(r) => (
                 r.name(),
                 match r {

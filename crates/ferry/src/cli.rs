@@ -2,8 +2,8 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
@@ -302,7 +302,9 @@ fn client_config(args: &ClientArgs) -> Result<crate::encap::EncapConfig, String>
         .rsplit_once(':')
         .ok_or("--proxy must name a port: https://HOST:PORT")?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let port: u16 = port.parse().map_err(|_| format!("bad proxy port `{port}`"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("bad proxy port `{port}`"))?;
     let proxy = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
         .map_err(|e| format!("cannot resolve proxy {host}: {e}"))?
         .next()

@@ -108,7 +108,10 @@ async fn session(
 ) {
     let mut tunnel = match tunnel_for(&client, &config).await {
         Ok(t) if t.status.is_success() => {
-            println!("tunnel {peer} -> {} via {}: {}", config.target, config.proxy, t.status);
+            println!(
+                "tunnel {peer} -> {} via {}: {}",
+                config.target, config.proxy, t.status
+            );
             t
         }
         Ok(t) => {
@@ -117,7 +120,10 @@ async fn session(
                 .get("proxy-status")
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("");
-            println!("tunnel {peer} -> {}: refused {} {ps}", config.target, t.status);
+            println!(
+                "tunnel {peer} -> {}: refused {} {ps}",
+                config.target, t.status
+            );
             let _ = ended.send(peer);
             return;
         }

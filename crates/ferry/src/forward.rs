@@ -192,8 +192,13 @@ pub struct Hops {
     pub lease: StreamLease,
 }
 
-/// Relay until either side ends; then end the other.
-pub async fn relay(hops: Hops, stats: &ConnectUdpStats, mut shutdown: crate::shutdown::Waiter) {
+/// Relay until either side ends; then end the other. Returns how it ended.
+pub async fn relay(
+    hops: Hops,
+    stats: &ConnectUdpStats,
+    mut shutdown: crate::shutdown::Waiter,
+) -> crate::tunnel::End {
+    use crate::tunnel::End;
     let Hops {
         mut down_send,
         mut down_recv,
@@ -240,25 +245,33 @@ pub async fn relay(hops: Hops, stats: &ConnectUdpStats, mut shutdown: crate::shu
         h = next_to_client => Ended::NextHop(h),
         _ = shutdown.wait() => Ended::Shutdown,
     };
-    match ended {
-        Ended::Client(Half::Finished) | Ended::Shutdown => {
+    let end = match ended {
+        Ended::Client(Half::Finished) => End::ClientFinished,
+        Ended::Shutdown => End::Shutdown,
+        Ended::NextHop(Half::Finished) => End::NextHopFinished,
+        Ended::Client(Half::Broken) => End::ClientGone,
+        Ended::NextHop(Half::Broken) => End::NextHopGone,
+    };
+    match end {
+        End::ClientFinished | End::Shutdown => {
             let _ = up_send.finish().await;
             let _ = down_send.finish().await;
         }
-        Ended::NextHop(Half::Finished) => {
+        End::NextHopFinished => {
             let _ = down_send.finish().await;
             let _ = up_send.finish().await;
         }
-        Ended::Client(Half::Broken) => {
+        End::ClientGone => {
             up_send.stop_stream(Code::H3_REQUEST_CANCELLED);
             down_send.stop_stream(Code::H3_MESSAGE_ERROR);
         }
-        Ended::NextHop(Half::Broken) => {
+        _ => {
             down_send.stop_stream(Code::H3_CONNECT_ERROR);
             up_send.stop_stream(Code::H3_REQUEST_CANCELLED);
         }
     }
     drop(lease);
+    end
 }
 
 /// Request headers that belong to one hop and are not forwarded.
@@ -353,6 +366,8 @@ pub async fn forward_h3(
             ))
         }
     };
+    let (tunnel_stats, counters) = ctx.stats.connect_udp.for_tunnel();
+    crate::accesslog::note(|r| r.tunnel_opened(cluster, addr, None, &counters));
     let lease = match pool.lease(addr).await {
         Ok(l) => l,
         Err(UpstreamError::Timeout) => {
@@ -464,6 +479,7 @@ pub async fn forward_h3(
     // Counted before the response leaves: whoever has seen it sees the counters too.
     ctx.stats.response(status.as_u16());
     let stats = &ctx.stats.connect_udp;
+    crate::accesslog::note(|r| r.responded(status.as_u16(), down_resp.headers()));
     if !status.is_success() {
         stats.rejected(status.as_u16());
         if stream.send_response(down_resp).await.is_ok() {
@@ -476,13 +492,14 @@ pub async fn forward_h3(
     let _tunnel_active = crate::stats::GaugeGuard::new(&stats.tunnels_active);
     let _upgrade_active = crate::stats::GaugeGuard::new(&ctx.stats.downstream_cx_upgrades_active);
     if stream.send_response(down_resp).await.is_err() {
+        crate::accesslog::note(|r| r.tunnel_ended(crate::tunnel::End::ClientGone));
         return Ok(());
     }
 
     let down_stream_id = stream.send_id().into_inner();
     let (down_send, down_recv) = stream.split();
     tracing::debug!(down_stream_id, %addr, "forwarded tunnel open");
-    relay(
+    let end = relay(
         Hops {
             down_send,
             down_recv,
@@ -493,10 +510,11 @@ pub async fn forward_h3(
             up,
             lease,
         },
-        stats,
+        &tunnel_stats,
         shutdown,
     )
     .await;
-    tracing::debug!(down_stream_id, "forwarded tunnel closed");
+    crate::accesslog::note(|r| r.tunnel_ended(end));
+    tracing::debug!(down_stream_id, ?end, "forwarded tunnel closed");
     Ok(())
 }

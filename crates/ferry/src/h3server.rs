@@ -14,12 +14,12 @@ use http::{Response, StatusCode};
 use tokio::task::JoinSet;
 
 use crate::accesslog::{self, AccessLogs, RequestRecord};
-use crate::cluster::{ClusterManager, PickError};
+use crate::cluster::ClusterManager;
 use crate::decide::{self, Plan};
 use crate::demux::{self, RegistrationGuard};
 use crate::shutdown::{ConnectionCount, Drain, Shutdown, Waiter};
 use crate::stats::{GaugeGuard, HttpStats};
-use crate::tunnel::{self, DatagramOut, TunnelShared};
+use crate::tunnel::{self, DatagramOut};
 
 /// What every connection of a listener reads: the current config snapshot, clusters, stats.
 pub struct ListenerCtx {
@@ -313,65 +313,15 @@ async fn terminate(
         None => {}
     }
 
-    let clusters = ctx.clusters.load();
-    let picked = match clusters.get(cluster) {
-        Some(c) => c.pick(),
-        None => Err(PickError::NoSuchCluster),
-    };
-    if picked.is_err() {
-        ctx.stats
-            .clusters
-            .get(cluster)
-            .upstream_cx_none_healthy
-            .inc();
-    }
-    let addr = match picked {
-        Ok(a) => a,
-        Err(PickError::Dns(e)) => {
-            return Err((
-                stream,
-                decide::reject(503, Some("dns_error"), format!("cluster {cluster}: {e}")),
-            ))
-        }
-        Err(e) => {
-            return Err((
-                stream,
-                decide::reject(
-                    503,
-                    Some("destination_unavailable"),
-                    format!("cluster {cluster}: no healthy upstream ({e:?})"),
-                ),
-            ))
-        }
-    };
-    let udp = match tunnel::connect_udp(addr) {
-        Ok(u) => u,
-        Err(e) => {
-            ctx.stats
-                .clusters
-                .get(cluster)
-                .upstream_cx_connect_fail
-                .inc();
-            return Err((
-                stream,
-                decide::reject(
-                    503,
-                    Some("destination_unavailable"),
-                    format!("cannot open UDP socket to {addr}: {e}"),
-                ),
-            ));
-        }
+    let tunnel::Opened {
+        shared,
+        addr,
+        upstream: _upstream,
+    } = match tunnel::open_target(ctx, cluster) {
+        Ok(o) => o,
+        Err(rejection) => return Err((stream, rejection)),
     };
     let stats = &ctx.stats.connect_udp;
-    let _upstream = ctx.stats.clusters.get(cluster).socket_opened();
-    let (tunnel_stats, counters) = stats.for_tunnel();
-    accesslog::note(|r| r.tunnel_opened(cluster, addr, udp.local_addr().ok(), &counters));
-    let shared = Arc::new(TunnelShared {
-        udp,
-        active: Default::default(),
-        failed: Default::default(),
-        stats: tunnel_stats,
-    });
     let stream_id = stream.send_id().into_inner();
     // Registered before the 200 goes out, so no datagram sent right after it is lost.
     let _registration = RegistrationGuard::new(&registry, stream_id, shared.clone());

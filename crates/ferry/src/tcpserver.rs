@@ -17,10 +17,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinSet;
 
+use crate::accesslog::{self, DownstreamConnection, RequestRecord};
 use crate::decide::{self, Plan};
 use crate::h3server::ListenerCtx;
 use crate::shutdown::Waiter;
-use crate::stats::GaugeGuard;
+use crate::stats::{GaugeGuard, HttpVersion};
 use crate::stream::{IoRecv, IoSend};
 use crate::tunnel;
 
@@ -122,6 +123,8 @@ impl TcpListener {
     }
 }
 
+static CONNECTION_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 async fn handle_connection(
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
@@ -131,18 +134,40 @@ async fn handle_connection(
     alt_svc: Option<HeaderValue>,
     shutdown: Waiter,
 ) {
-    let io: Box<dyn Io> = match tls {
+    let local = tcp.local_addr().ok();
+    let (io, alpn_h2, server_name): (Box<dyn Io>, bool, Option<String>) = match tls {
         Some(acceptor) => match acceptor.accept(tcp).await {
-            Ok(s) => Box::new(s),
+            Ok(s) => {
+                let (_, session) = s.get_ref();
+                let h2 = session.alpn_protocol() == Some(b"h2");
+                let sni = session.server_name().map(str::to_owned);
+                (Box::new(s), h2, sni)
+            }
             Err(e) => {
                 tracing::debug!(%peer, "TLS handshake failed: {e}");
                 return;
             }
         },
-        None => Box::new(tcp),
+        None => (Box::new(tcp), codec == CodecType::Http2, None),
+    };
+    let version = if alpn_h2 || codec == CodecType::Http2 {
+        HttpVersion::Http2
+    } else {
+        HttpVersion::Http1
+    };
+    let conn_info = DownstreamConnection {
+        protocol: if version == HttpVersion::Http2 {
+            "HTTP/2"
+        } else {
+            "HTTP/1.1"
+        },
+        remote: Some(peer),
+        local,
+        id: CONNECTION_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        server_name,
     };
     let cx_stats = ctx.clone();
-    let _cx = cx_stats.stats.connection();
+    let _cx = cx_stats.stats.connection_with(version);
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder = match codec {
         CodecType::Http1 => builder.http1_only(),
@@ -155,17 +180,33 @@ async fn handle_connection(
         //# http2_protocol_options.allow_connect is true, as Envoy does.
         builder.http2().enable_connect_protocol();
     }
+    let mut drain = ctx.drain.subscribe();
+    let svc_ctx = ctx.clone();
     let svc = hyper::service::service_fn(move |req| {
-        let ctx = ctx.clone();
+        let ctx = svc_ctx.clone();
         let alt_svc = alt_svc.clone();
         let shutdown = shutdown.clone();
-        async move { Ok::<_, Infallible>(handle_request(req, &ctx, alt_svc, shutdown).await) }
+        let conn_info = conn_info.clone();
+        async move { Ok::<_, Infallible>(handle_request(req, ctx, alt_svc, shutdown, conn_info).await) }
     });
-    if let Err(e) = builder
-        .serve_connection_with_upgrades(TokioIo::new(io), svc)
-        .await
-    {
-        tracing::debug!(%peer, "connection ended: {e}");
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, "connection ended: {e}");
+                }
+                return;
+            }
+            _ = drain.wait(), if !draining => {
+                // HTTP/2: GOAWAY, open streams (tunnels) go on; HTTP/1.1: close when idle.
+                draining = true;
+                ctx.stats.downstream_cx_drain_close.inc();
+                conn.as_mut().graceful_shutdown();
+            }
+        }
     }
 }
 
@@ -205,12 +246,60 @@ fn error_response(rejection: &Rejection, ctx: &ListenerCtx, alt_svc: &Option<Hea
 }
 
 async fn handle_request(
+    req: hyper::Request<Incoming>,
+    ctx: Arc<ListenerCtx>,
+    alt_svc: Option<HeaderValue>,
+    shutdown: Waiter,
+    conn_info: DownstreamConnection,
+) -> Resp {
+    let version = if req.version() < Version::HTTP_2 {
+        HttpVersion::Http1
+    } else {
+        HttpVersion::Http2
+    };
+    let rq = ctx.stats.request_with(version);
+    let mut head_only = http::Request::new(());
+    *head_only.method_mut() = req.method().clone();
+    *head_only.uri_mut() = req.uri().clone();
+    *head_only.version_mut() = req.version();
+    *head_only.headers_mut() = req.headers().clone();
+    let keep_headers = !ctx.access_logs.is_empty();
+    let record = Arc::new(std::sync::Mutex::new(RequestRecord::from_request(
+        &head_only,
+        conn_info,
+        keep_headers,
+    )));
+    let (resp, tunnel) =
+        accesslog::scope(record.clone(), respond(req, &ctx, alt_svc, shutdown)).await;
+    match tunnel {
+        // The tunnel's task finishes the record (one log line per tunnel, at its end).
+        Some(task) => {
+            let ctx = ctx.clone();
+            let open = ctx.connections.open();
+            tokio::spawn(async move {
+                let _open = open;
+                accesslog::scope(record.clone(), task).await;
+                accesslog::finish(&ctx.stats, &ctx.access_logs, &record);
+                drop(rq);
+            });
+        }
+        None => {
+            accesslog::finish(&ctx.stats, &ctx.access_logs, &record);
+            drop(rq);
+        }
+    }
+    resp
+}
+
+type TunnelTask = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Decide the request: a refusal, or the response plus the tunnel to run after it.
+async fn respond(
     mut req: hyper::Request<Incoming>,
     ctx: &ListenerCtx,
     alt_svc: Option<HeaderValue>,
     shutdown: Waiter,
-) -> Resp {
-    let _rq = ctx.stats.request();
+) -> (Resp, Option<TunnelTask>) {
     let hcm = ctx.hcm.load_full();
     let h1 = req.version() < Version::HTTP_2;
     let protocol = if h1 {
@@ -248,62 +337,35 @@ async fn handle_request(
         ));
     }
     tracing::debug!(method = head.method, path = ?head.path, h1, ?plan, "request");
+    let refuse = |r: Rejection| {
+        if is_connect_udp {
+            ctx.stats.connect_udp.rejected(r.status);
+        }
+        accesslog::note(|rec| rec.rejected(&r));
+        (error_response(&r, ctx, &alt_svc), None)
+    };
     let cluster = match plan {
         Ok(Plan::Terminate { cluster, .. }) => cluster,
         Ok(Plan::Forward { .. }) => {
-            let r = decide::reject(
+            return refuse(decide::reject(
                 501,
                 Some("proxy_configuration_error"),
                 "forwarding CONNECT-UDP from HTTP/2 or HTTP/1.1 is not implemented yet",
-            );
-            ctx.stats.connect_udp.rejected(r.status);
-            return error_response(&r, ctx, &alt_svc);
+            ))
         }
-        Err(r) => {
-            if is_connect_udp {
-                ctx.stats.connect_udp.rejected(r.status);
-            }
-            return error_response(&r, ctx, &alt_svc);
-        }
+        Err(r) => return refuse(r),
     };
     // Over HTTP/2, hyper moves a CONNECT stream into the upgrade and shows an empty body
     // whatever the client sent, so END_STREAM on the HEADERS (Envoy: 400) cannot be seen
     // here: such a tunnel opens and ends at once with the stream (see the README).
-    let (shared, addr) =
-        match tunnel::open_target(&ctx.clusters.load(), &cluster, &ctx.stats.connect_udp) {
-            Ok(v) => v,
-            Err(r) => {
-                ctx.stats.connect_udp.rejected(r.status);
-                return error_response(&r, ctx, &alt_svc);
-            }
-        };
-
-    // Counted before the response leaves: whoever has seen it sees the counters too.
-    let stats = &ctx.stats.connect_udp;
-    ctx.stats.response(if h1 { 101 } else { 200 });
-    stats.tunnels_total.inc();
-    ctx.stats.downstream_cx_upgrades_total.inc();
-    let tunnel_active = GaugeGuard::new(&stats.tunnels_active);
-    let upgrade_active = GaugeGuard::new(&ctx.stats.downstream_cx_upgrades_active);
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    let stats = stats.clone();
-    let idle = hcm.stream_idle_timeout;
-    tokio::spawn(async move {
-        let _active = (tunnel_active, upgrade_active);
-        let upgraded = match on_upgrade.await {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::debug!("upgrade failed: {e}");
-                return;
-            }
-        };
-        tracing::debug!(%addr, h1, "tunnel open");
-        let (rd, wr) = tokio::io::split(TokioIo::new(upgraded));
-        let (mut recv, mut send) = (IoRecv::new(rd), IoSend(wr));
-        let end = tunnel::relay(&mut recv, &mut send, None, &shared, None, idle, shutdown).await;
-        tracing::debug!(%addr, ?end, "tunnel closed");
-        tunnel::close(&mut send, end, &stats).await;
-    });
+    let tunnel::Opened {
+        shared,
+        addr,
+        upstream,
+    } = match tunnel::open_target(ctx, &cluster) {
+        Ok(o) => o,
+        Err(r) => return refuse(r),
+    };
 
     //= https://www.rfc-editor.org/rfc/rfc9298#section-3.3
     //# Upon receiving a UDP proxying request that it can fulfil, the UDP proxy ... responds
@@ -327,5 +389,35 @@ async fn handle_request(
             HeaderValue::from_static("connect-udp"),
         );
     }
-    resp
+
+    // Counted before the response leaves: whoever has seen it sees the counters too.
+    let status = resp.status().as_u16();
+    let stats = ctx.stats.connect_udp.clone();
+    ctx.stats.response(status);
+    stats.tunnels_total.inc();
+    ctx.stats.downstream_cx_upgrades_total.inc();
+    accesslog::note(|r| r.responded(status, resp.headers()));
+    let tunnel_active = GaugeGuard::new(&stats.tunnels_active);
+    let upgrade_active = GaugeGuard::new(&ctx.stats.downstream_cx_upgrades_active);
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let idle = hcm.stream_idle_timeout;
+    let task: TunnelTask = Box::pin(async move {
+        let _active = (tunnel_active, upgrade_active, upstream);
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!("upgrade failed: {e}");
+                accesslog::note(|r| r.tunnel_ended(tunnel::End::ClientGone));
+                return;
+            }
+        };
+        tracing::debug!(%addr, h1, "tunnel open");
+        let (rd, wr) = tokio::io::split(TokioIo::new(upgraded));
+        let (mut recv, mut send) = (IoRecv::new(rd), IoSend(wr));
+        let end = tunnel::relay(&mut recv, &mut send, None, &shared, None, idle, shutdown).await;
+        tracing::debug!(%addr, ?end, "tunnel closed");
+        accesslog::note(|r| r.tunnel_ended(end));
+        tunnel::close(&mut send, end, &stats).await;
+    });
+    (resp, Some(task))
 }

@@ -67,50 +67,67 @@ pub fn connect_udp(target: SocketAddr) -> io::Result<UdpSocket> {
     UdpSocket::from_std(socket.into())
 }
 
+/// A target socket opened for a tunnel, with what must live as long as the tunnel.
+pub struct Opened {
+    pub shared: Arc<TunnelShared>,
+    pub addr: SocketAddr,
+    /// Counts the socket in `cluster.<name>.upstream_cx_active` until dropped.
+    pub upstream: crate::stats::UpstreamGuard,
+}
+
 /// Pick a host of `cluster` and open a connected UDP socket to it: the part of
-/// terminating a tunnel before the response, the same for every HTTP version.
+/// terminating a tunnel before the response, the same for every HTTP version. Counts
+/// cluster stats and notes the tunnel in the request's access-log record.
 pub fn open_target(
-    clusters: &crate::cluster::ClusterManager,
+    ctx: &crate::h3server::ListenerCtx,
     cluster: &str,
-    stats: &ConnectUdpStats,
-) -> Result<(Arc<TunnelShared>, SocketAddr), ferry_proto::request::Rejection> {
+) -> Result<Opened, ferry_proto::request::Rejection> {
     use crate::cluster::PickError;
     use crate::decide::reject;
+    let clusters = ctx.clusters.load();
+    let cluster_stats = ctx.stats.clusters.get(cluster);
     let picked = match clusters.get(cluster) {
         Some(c) => c.pick(),
         None => Err(PickError::NoSuchCluster),
     };
     let addr = match picked {
         Ok(a) => a,
-        Err(PickError::Dns(e)) => {
-            return Err(reject(
-                503,
-                Some("dns_error"),
-                format!("cluster {cluster}: {e}"),
-            ))
-        }
         Err(e) => {
-            return Err(reject(
-                503,
-                Some("destination_unavailable"),
-                format!("cluster {cluster}: no healthy upstream ({e:?})"),
-            ))
+            cluster_stats.upstream_cx_none_healthy.inc();
+            return Err(match e {
+                PickError::Dns(e) => {
+                    reject(503, Some("dns_error"), format!("cluster {cluster}: {e}"))
+                }
+                e => reject(
+                    503,
+                    Some("destination_unavailable"),
+                    format!("cluster {cluster}: no healthy upstream ({e:?})"),
+                ),
+            });
         }
     };
     let udp = connect_udp(addr).map_err(|e| {
+        cluster_stats.upstream_cx_connect_fail.inc();
         reject(
             503,
             Some("destination_unavailable"),
             format!("cannot open UDP socket to {addr}: {e}"),
         )
     })?;
+    let upstream = cluster_stats.socket_opened();
+    let (tunnel_stats, counters) = ctx.stats.connect_udp.for_tunnel();
+    crate::accesslog::note(|r| r.tunnel_opened(cluster, addr, udp.local_addr().ok(), &counters));
     let shared = Arc::new(TunnelShared {
         udp,
         active: AtomicBool::new(false),
         failed: Notify::new(),
-        stats: stats.clone(),
+        stats: tunnel_stats,
     });
-    Ok((shared, addr))
+    Ok(Opened {
+        shared,
+        addr,
+        upstream,
+    })
 }
 
 /// What the demux task and the tunnel task share.
@@ -168,6 +185,10 @@ pub enum End {
     Reset(ResetReason),
     /// The server is shutting down.
     Shutdown,
+    /// Forwarding: the next hop finished its side of the stream.
+    NextHopFinished,
+    /// Forwarding: the next hop reset the stream, or its connection went away.
+    NextHopGone,
 }
 
 /// The QUIC datagram path of an HTTP/3 tunnel (absent over HTTP/2 and HTTP/1.1).
@@ -203,8 +224,9 @@ pub async fn relay<R: StreamRecv, S: StreamSend>(
 /// Close the downstream stream the way `end` says.
 pub async fn close<S: StreamSend>(send: &mut S, end: End, stats: &ConnectUdpStats) {
     match end {
-        End::ClientFinished | End::Shutdown => send.finish().await,
+        End::ClientFinished | End::Shutdown | End::NextHopFinished => send.finish().await,
         End::ClientGone => {}
+        End::NextHopGone => send.reset(Code::H3_CONNECT_ERROR),
         End::Reset(reason) => {
             stats.reset(reason);
             let code = match reason {

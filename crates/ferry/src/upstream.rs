@@ -12,7 +12,7 @@ use ferry_config::{UpstreamHttp, UpstreamProtocol};
 use tokio::sync::{Mutex, OnceCell};
 
 use crate::demux::{self, Registry};
-use crate::stats::{Counter, Gauge, HttpStats, Store};
+use crate::stats::{ConnectUdpStats, Counter, Gauge, Store};
 
 /// Tunnels per upstream connection before another is opened (quinn's default stream limit).
 pub const STREAMS_PER_CONNECTION: usize = 100;
@@ -92,7 +92,7 @@ pub struct UpstreamPool {
     conns: Mutex<Vec<Arc<UpstreamConn>>>,
     pub stats: ClusterStats,
     /// Stats of the client side's datagram demux (drops of the next hop's datagrams).
-    demux_stats: HttpStats,
+    demux_stats: ConnectUdpStats,
 }
 
 impl UpstreamPool {
@@ -115,7 +115,7 @@ impl UpstreamPool {
             endpoint: OnceCell::new(),
             conns: Mutex::new(Vec::new()),
             stats: ClusterStats::new(store, cluster),
-            demux_stats: HttpStats::new(store, &format!("cluster.{cluster}")),
+            demux_stats: ConnectUdpStats::new(store, &format!("cluster.{cluster}.connect_udp.")),
         }
     }
 
@@ -201,7 +201,7 @@ impl UpstreamPool {
             let e = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
             tracing::debug!(%cluster, "upstream connection closed: {e}");
         });
-        let registry = demux::spawn(conn.clone(), self.demux_stats.connect_udp.clone());
+        let registry = demux::spawn(conn.clone(), self.demux_stats.clone());
         Ok(Arc::new(UpstreamConn {
             conn,
             send_request,

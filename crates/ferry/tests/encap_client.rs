@@ -57,6 +57,9 @@ async fn each_local_peer_gets_its_own_tunnel() {
     assert_eq!(proxy.stat("http.ingress_http.downstream_cx_total"), 2);
     assert_eq!(target.seen().len(), 20);
     proxy
-        .wait_stat("http.ingress_http.connect_udp.downstream_rx_datagrams_capsule", 10)
+        .wait_stat(
+            "http.ingress_http.connect_udp.downstream_rx_datagrams_capsule",
+            10,
+        )
         .await;
 }
