@@ -216,6 +216,13 @@ def best_dps(res: dict | None) -> float | None:
 # --------------------------------------------------------------------------- main
 
 
+def _raise_priority() -> None:
+    try:
+        os.nice(-10)
+    except OSError:
+        pass
+
+
 def machine() -> dict:
     def sh(c: str) -> str:
         try:
@@ -271,8 +278,12 @@ def main() -> int:
 
     mach = machine()
     workdir = Path(tempfile.mkdtemp(prefix="bench-compare-"))
+    # The echo stands for the network and the far end: it is not under test, so it runs at a
+    # higher priority (where allowed) to keep its socket from overflowing when the shared
+    # cores are busy.
     echo = subprocess.Popen([str(bench_bin), "echo", "--listen", "127.0.0.1:0", "--max-secs", "3000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            preexec_fn=_raise_priority)
     echo_addr = echo.stdout.readline().strip()
     log(f"echo target on {echo_addr}; workdir {workdir}")
     config = workdir / "terminate-h3.yaml"
@@ -332,6 +343,11 @@ def main() -> int:
         ferry_nogso = bench.run(["search", *target_args("ferry", proxies), "--no-gso", "--size", str(PAYLOAD),
                                  "--start-rate", "8000", "--trial-secs", trial_secs,
                                  "--max-trials", "10" if quick else "14"], "ferry-nogso-1tunnel")
+        log("direct UDP without GSO, one system call per datagram (one search)")
+        direct_nogso = bench.run(["search", "--direct", "--no-gso", "--size", str(PAYLOAD), "--start-rate", "8000",
+                                  "--trial-secs", trial_secs, "--max-trials", "10" if quick else "14"],
+                                 "direct-nogso-1tunnel")
+        results["direct_nogso"] = direct_nogso
         results["single"] = single
         results["envoy_1200"] = envoy_1200
         results["envoy_gso"] = envoy_gso
@@ -563,6 +579,9 @@ def write_markdown(results: dict, commands: list[str], path: Path, charts: Path,
         f"{fmt(P['envoy'])} | {ratio(P['ferry'], P['envoy'])} | {ratio(P['ferry'], P['direct'])} |")
     add(f"| … the same in Mbit/s of UDP payload | {fmt(mbps(P['direct'], PAYLOAD))} | {fmt(mbps(P['ferry'], PAYLOAD))} | "
         f"{fmt(mbps(P['envoy'], ENVOY_PAYLOAD))} | | |")
+    dng = best_dps(results.get("direct_nogso"))
+    add(f"| … direct UDP without GSO: one system call per datagram (one search) | {fmt(dng)} | {fmt(P['ferry'])} | "
+        f"| | {ratio(P['ferry'], dng)} |")
     fng = best_dps(results.get("ferry_nogso"))
     add(f"| … Ferry with the same GSO-less client as Envoy (one search) | | {fmt(fng)} | {fmt(P['envoy'])} | "
         f"{ratio(fng, P['envoy'])} | {ratio(fng, P['direct'])} |")
