@@ -170,7 +170,8 @@ class Bench:
 
     def run(self, args: list[str], label: str, timeout: float = 240) -> dict | None:
         cmd = [str(self.binary), *args, "--target", self.echo, "--json", "-q", "--label", label]
-        self.commands.append(" ".join(shlex.quote(c) for c in cmd).replace(str(ROOT) + "/", ""))
+        shown = ["ferry-bench", *cmd[1:]]
+        self.commands.append(" ".join(shlex.quote(c) for c in shown).replace(str(ROOT) + "/", ""))
         try:
             p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -277,6 +278,8 @@ def main() -> int:
             sys.exit(f"missing {b}")
 
     mach = machine()
+    built = dt.datetime.fromtimestamp(ferry_bin.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
+    mach["ferry_bin"] = f"{args.ferry_bin} built {built}"
     workdir = Path(tempfile.mkdtemp(prefix="bench-compare-"))
     # The echo stands for the network and the far end: it is not under test, so it runs at a
     # higher priority (where allowed) to keep its socket from overflowing when the shared
@@ -558,7 +561,7 @@ def write_markdown(results: dict, commands: list[str], path: Path, charts: Path,
         f"{results['reps']} repetition(s), medians; {results['minutes']:.1f} min)")
     add("")
     add(f"**Machine:** {m['nproc']} cores ({m['cpu']}), {m['memory']} RAM, {m['uname']}; {m['rustc']}; "
-        f"Envoy {m['envoy'].replace('version: ', '')}; Ferry `{m['ferry']}`. Load average "
+        f"Envoy {m['envoy'].replace('version: ', '')}; Ferry binary `{m.get('ferry_bin', '?')}` (work tree at `{m['ferry']}`). Load average "
         f"{m['loadavg']} at the start, {m.get('loadavg_end', '?')} at the end. "
         "**This is a shared 2-core machine** (other engineers were compiling during the run): "
         "the client, the echo target and the proxy share the two cores, absolute numbers are "
@@ -644,7 +647,8 @@ def write_markdown(results: dict, commands: list[str], path: Path, charts: Path,
     add(f"scripts/bench-compare.py {' '.join(sys.argv[1:])}".rstrip())
     add("# proxies: BIN -c terminate-h3.yaml --concurrency "
         f"{results['concurrency']} --disable-hot-restart -l error --admin-address-path FILE")
-    add("# echo:    target/release/ferry-bench echo --listen 127.0.0.1:0 --max-secs 3000")
+    add("# echo:    ferry-bench echo --listen 127.0.0.1:0 --max-secs 3000   (at nice -10)")
+    add("# ferry-bench is target/release/ferry-bench; PID and ports below were this run's")
     for c in commands:
         add(c)
     add("```")

@@ -30,6 +30,11 @@ count() { { grep -Eo "$1" "$2" || true; } | awk -v f="$3" '{s+=$f} END {print s+
 rust_passed=$(count 'test result: (ok|FAILED)\. [0-9]+ passed' target/cargo-test.log 4)
 rust_failed=$(count '[0-9]+ failed;' target/cargo-test.log 1)
 
+log "fuzzing every decoder for a bounded time (scripts/fuzz.sh; FERRY_FUZZ_SECONDS, default 20)"
+if [ "${FERRY_FUZZ_SECONDS:-20}" != 0 ]; then
+  bash scripts/fuzz.sh "${FERRY_FUZZ_SECONDS:-20}"
+fi
+
 log "interop and differential tests (aioquic, real Envoy 1.40)"
 set +e
 FERRY_BIN="$root/target/release/ferry" .venv/bin/python -m pytest tests/interop -q -rs 2>&1 | tee target/pytest.log

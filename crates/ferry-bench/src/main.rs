@@ -259,6 +259,13 @@ fn mode(c: &Common) -> Result<setup::Mode, String> {
     }
 }
 
+fn ports(c: &Common) -> (u16, Option<u16>) {
+    (
+        c.target.port(),
+        c.proxy.filter(|_| !c.direct).map(|p| p.port()),
+    )
+}
+
 fn label(c: &Common, m: &setup::Mode) -> String {
     c.label.clone().unwrap_or_else(|| m.name().to_string())
 }
@@ -345,7 +352,12 @@ async fn load(a: LoadArgs) -> Result<(), String> {
         }
     };
     let r = ready(&m, &a.traffic, a.common.quiet).await?;
-    let mut ctx = run::Ctx::new(label.clone(), a.common.proxy_pid, a.common.quiet);
+    let mut ctx = run::Ctx::new(
+        label.clone(),
+        a.common.proxy_pid,
+        a.common.quiet,
+        ports(&a.common),
+    );
     if a.warmup > 0.0 {
         let w = run::trial(&r, &mut ctx, load, secs(a.warmup, "--warmup")?).await;
         if !ctx.quiet {
@@ -369,7 +381,12 @@ async fn search(a: SearchArgs) -> Result<(), String> {
         return Err("need 0 < --min-rate <= --start-rate <= --max-rate <= 1e7".into());
     }
     let r = ready(&m, &a.traffic, a.common.quiet).await?;
-    let mut ctx = run::Ctx::new(label.clone(), a.common.proxy_pid, a.common.quiet);
+    let mut ctx = run::Ctx::new(
+        label.clone(),
+        a.common.proxy_pid,
+        a.common.quiet,
+        ports(&a.common),
+    );
     let p = run::SearchParams {
         max_loss: a.max_loss,
         start_dps: a.start_rate,

@@ -74,3 +74,26 @@ pub fn usage(before: Option<Snapshot>, after: Option<Snapshot>, wall_s: f64) -> 
         peak_rss_kib: a.hwm_kib.max(a.rss_kib),
     })
 }
+
+/// Datagrams the kernel dropped on the UDP sockets bound to `port` (any address), from the
+/// last column of `/proc/net/udp` and `/proc/net/udp6` (receive buffer overflows, mostly).
+pub fn udp_drops(port: u16) -> Option<u64> {
+    let mut total = None;
+    for file in ["/proc/net/udp", "/proc/net/udp6"] {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = fields
+                .get(1)
+                .and_then(|a| a.rsplit_once(':'))
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(port) {
+                let drops: u64 = fields.last().and_then(|d| d.parse().ok()).unwrap_or(0);
+                *total.get_or_insert(0) += drops;
+            }
+        }
+    }
+    total
+}

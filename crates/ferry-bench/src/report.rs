@@ -119,6 +119,10 @@ pub struct Trial {
     /// The client's QUIC view of its connections (client -> proxy direction), summed over
     /// connections during the trial; `None` when direct.
     pub quic: Option<QuicPath>,
+    /// Datagrams the kernel dropped during the trial on the target's socket and on the
+    /// proxy's listening socket (receive buffer overflows): where loss happened.
+    pub kernel_drops_target: Option<u64>,
+    pub kernel_drops_proxy_listener: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize)]

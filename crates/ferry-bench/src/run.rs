@@ -23,15 +23,23 @@ pub struct Ctx {
     pub pace_tick: Duration,
     /// After sending stops, how long to wait for the last echoes.
     pub drain: Duration,
+    /// The target's UDP port and the proxy's (for kernel drop counts).
+    pub ports: (u16, Option<u16>),
     epoch: u32,
 }
 
 impl Ctx {
-    pub fn new(label: String, proxy_pid: Option<u32>, quiet: bool) -> Ctx {
+    pub fn new(
+        label: String,
+        proxy_pid: Option<u32>,
+        quiet: bool,
+        ports: (u16, Option<u16>),
+    ) -> Ctx {
         Ctx {
             label,
             proxy_pid,
             quiet,
+            ports,
             pace_tick: Duration::from_micros(200),
             drain: Duration::from_millis(500),
             epoch: 0,
@@ -80,6 +88,11 @@ pub async fn trial(ready: &Ready, ctx: &mut Ctx, load: Load, duration: Duration)
     }
     let frames_before: Vec<Option<u64>> = lanes.iter().map(|l| l.counts().frames_tx).collect();
     let quic_before = quic_path(lanes, None);
+    let (target_port, proxy_port) = ctx.ports;
+    let drops_before = (
+        procstat::udp_drops(target_port),
+        proxy_port.and_then(procstat::udp_drops),
+    );
     if let Some(pid) = ctx.proxy_pid {
         procstat::reset_peak(pid);
     }
@@ -154,6 +167,10 @@ pub async fn trial(ready: &Ready, ctx: &mut Ctx, load: Load, duration: Duration)
     }
 
     let quic = quic_path(lanes, quic_before);
+    let drops = |before: Option<u64>, after: Option<u64>| Some(after?.saturating_sub(before?));
+    let kernel_drops_target = drops(drops_before.0, procstat::udp_drops(target_port));
+    let kernel_drops_proxy_listener =
+        drops(drops_before.1, proxy_port.and_then(procstat::udp_drops));
     let per_lane = totals(lanes);
     let c = sum(&per_lane);
     let mut client_dropped = None;
@@ -221,6 +238,8 @@ pub async fn trial(ready: &Ready, ctx: &mut Ctx, load: Load, duration: Duration)
         proxy: procstat::usage(proxy_before, proxy_after, wall),
         client: procstat::usage(client_before, client_after, wall),
         quic,
+        kernel_drops_target,
+        kernel_drops_proxy_listener,
     }
 }
 
