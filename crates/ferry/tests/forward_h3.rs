@@ -391,3 +391,28 @@ async fn datagram_that_fits_first_hop_but_not_second_is_dropped_and_counted() {
         "never turned into a capsule"
     );
 }
+
+/// The client ends or resets its stream: the next hop's stream ends too, and its tunnel
+/// (and UDP socket) is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_end_or_reset_ends_the_next_hop_stream() {
+    let (a, b, _target) = chain().await;
+    let mut client = a.client(true).await;
+    // A clean end (FIN).
+    let mut t = client.open(PATH, &[], false).await.unwrap();
+    t.send_datagram(b"x").unwrap();
+    recv_udp(&mut t).await;
+    b.wait_stat(&format!("{P}tunnels_active"), 1).await;
+    t.finish().await.unwrap();
+    assert_eq!(recv_end(&mut t).await, Received::Finished);
+    b.wait_stat(&format!("{P}tunnels_active"), 0).await;
+    a.wait_stat(&format!("{P}tunnels_active"), 0).await;
+    // The client vanishes (connection closed without ending its streams).
+    let mut t = client.open(PATH, &[], false).await.unwrap();
+    t.send_datagram(b"y").unwrap();
+    recv_udp(&mut t).await;
+    b.wait_stat(&format!("{P}tunnels_active"), 1).await;
+    client.conn.close(0u32.into(), b"bye");
+    b.wait_stat(&format!("{P}tunnels_active"), 0).await;
+    a.wait_stat(&format!("{P}tunnels_active"), 0).await;
+}
