@@ -255,8 +255,18 @@ def main() -> int:
     ap.add_argument("--out", default="BENCHMARKS.md")
     ap.add_argument("--charts", default="bench")
     ap.add_argument("--json-out", help="also write every raw result here")
+    ap.add_argument("--from-json", help="no runs: redraw the charts and rewrite the table from a --json-out file")
     args = ap.parse_args()
     ensure_matplotlib()
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text())
+        charts = ROOT / args.charts
+        charts.mkdir(exist_ok=True)
+        draw_charts(results, charts)
+        commands = results.get("commands") or commands_from_markdown(ROOT / args.out)
+        write_markdown(results, commands, ROOT / args.out, charts, args)
+        log(f"rewrote {args.out} and {args.charts}/*.png from {args.from_json}")
+        return 0
 
     quick = args.quick
     reps = args.reps or (1 if quick else 3)
@@ -422,6 +432,8 @@ def main() -> int:
     results["deaths"] = deaths
     results["failures"] = bench.failures
     results["minutes"] = (time.time() - started) / 60
+    results["commands"] = bench.commands
+    results["argv"] = sys.argv[1:]
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=1))
 
@@ -503,23 +515,31 @@ def draw_charts(results: dict, out: Path) -> None:
     names = {"direct": "direct UDP (1,200 B)", "ferry": "Ferry (1,200 B)", "envoy": f"Envoy 1.40 ({ENVOY_PAYLOAD:,} B)"}
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=90)
-    top = 0.0
+    lo, hi = float("inf"), 0.0
     for impl in ["direct", "ferry", "envoy"]:
         pts = []
         for res in results["single"][impl]:
             if res:
-                pts += [(t["offered_dps"], t["delivered_dps"]) for t in res["result"]["trials"]]
+                pts += [(t["offered_dps"], t["delivered_dps"]) for t in res["result"]["trials"]
+                        if t["offered_dps"] > 0]
         if not pts:
             continue
-        pts.sort()
-        top = max(top, max(p[0] for p in pts))
-        ax.plot([p[0] / 1e3 for p in pts], [p[1] / 1e3 for p in pts], "o-", ms=3.5, lw=1.2,
-                color=colors[impl], label=names[impl], alpha=0.85)
-    ax.plot([0, top / 1e3], [0, top / 1e3], ":", color="#bbbbbb", lw=1, label="delivered = offered")
-    ax.set_xlabel("offered rate (thousand datagrams/s, one tunnel)")
-    ax.set_ylabel("delivered rate (thousand/s)")
-    ax.set_title("One tunnel: delivered against offered (every rate-search trial)")
-    ax.grid(alpha=0.3)
+        lo = min(lo, min(p[0] for p in pts))
+        hi = max(hi, max(p[0] for p in pts))
+        ok = [p for p in pts if p[1] >= p[0] * 0.999]
+        bad = [p for p in pts if p[1] < p[0] * 0.999]
+        ax.scatter([p[0] for p in ok], [max(p[1], 1) for p in ok], s=16, color=colors[impl],
+                   label=names[impl], alpha=0.85)
+        ax.scatter([p[0] for p in bad], [max(p[1], 1) for p in bad], s=22, color=colors[impl],
+                   marker="x", alpha=0.85)
+    if hi > 0:
+        ax.plot([lo, hi], [lo, hi], ":", color="#999999", lw=1, label="delivered = offered")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("offered rate (datagrams/s, one tunnel, log scale)")
+    ax.set_ylabel("delivered rate (datagrams/s, log)")
+    ax.set_title("One tunnel: every rate-search trial (x = more than 0.1% lost)")
+    ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "delivered-vs-offered.png")
@@ -644,7 +664,7 @@ def write_markdown(results: dict, commands: list[str], path: Path, charts: Path,
     add("<details><summary>Exact commands of this run (ports were ephemeral)</summary>")
     add("")
     add("```")
-    add(f"scripts/bench-compare.py {' '.join(sys.argv[1:])}".rstrip())
+    add(f"scripts/bench-compare.py {' '.join(results.get('argv', sys.argv[1:]))}".rstrip())
     add("# proxies: BIN -c terminate-h3.yaml --concurrency "
         f"{results['concurrency']} --disable-hot-restart -l error --admin-address-path FILE")
     add("# echo:    ferry-bench echo --listen 127.0.0.1:0 --max-secs 3000   (at nice -10)")
@@ -671,11 +691,20 @@ def write_markdown(results: dict, commands: list[str], path: Path, charts: Path,
                     + block + "\n")
 
 
+def commands_from_markdown(path: Path) -> list[str]:
+    """The ferry-bench commands listed in an earlier generated block (for --from-json)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return []
+    return [l for l in text.splitlines() if l.startswith("ferry-bench ") and " echo " not in l]
+
+
 def envoy_1200_note(results: dict) -> str:
     r = results.get("envoy_1200")
     if r is None:
         f = next((x for x in results["failures"] if x.startswith("envoy-1200B")), None)
-        return f"no echo at all ({f.split(': ', 1)[1]})" if f else "not run"
+        return "no payload came back, the tunnel never echoed a probe in 10 s" if f else "not run"
     return f"{r['result']['received']:,} of {r['result']['sent']:,} echoed"
 
 

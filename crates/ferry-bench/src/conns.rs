@@ -33,6 +33,8 @@ pub struct TunnelsResult {
     pub idle: Option<RssStep>,
     /// After one payload went through every tunnel and they sat idle again.
     pub after_one_datagram: Option<RssStep>,
+    /// Why `after_one_datagram` is missing, when the payloads did not all come back.
+    pub ping_error: Option<String>,
     pub proxy: Option<Usage>,
 }
 
@@ -112,6 +114,7 @@ pub async fn tunnels(
         .collect();
     let n_conns = conns.len();
     let mut after_one = None;
+    let mut ping_error = None;
     if ping && open.failed == 0 {
         let ready = setup::ready_proxy(
             setup::Opened {
@@ -121,7 +124,25 @@ pub async fn tunnels(
             },
             payload,
         )
-        .await?;
+        .await;
+        let ready = match ready {
+            Ok(r) => r,
+            Err(e) => {
+                say(format!("  one datagram through each tunnel failed: {e}"));
+                ping_error = Some(e);
+                let after = proxy_pid.and_then(|p| procstat::read(Some(p)));
+                return Ok(TunnelsResult {
+                    connections: n_conns,
+                    connect_s,
+                    open,
+                    baseline_rss_kib: base,
+                    idle,
+                    after_one_datagram: None,
+                    ping_error,
+                    proxy: procstat::usage(before, after, wall.elapsed().as_secs_f64()),
+                });
+            }
+        };
         tokio::time::sleep(hold).await;
         after_one = step(proxy_pid, base, ready.info.tunnels);
         if let Some(s) = &after_one {
@@ -146,6 +167,7 @@ pub async fn tunnels(
         baseline_rss_kib: base,
         idle,
         after_one_datagram: after_one,
+        ping_error,
         proxy: procstat::usage(before, after, wall.elapsed().as_secs_f64()),
     })
 }
