@@ -30,7 +30,8 @@ pub fn test_cert() -> TestCert {
     }
 }
 
-fn indent(pem: &str, n: usize) -> String {
+/// PEM text indented for a YAML block scalar.
+pub fn indent(pem: &str, n: usize) -> String {
     let pad = " ".repeat(n);
     pem.lines()
         .map(|l| format!("{pad}{l}\n"))
