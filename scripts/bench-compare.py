@@ -289,7 +289,7 @@ def main() -> int:
 
     mach = machine()
     built = dt.datetime.fromtimestamp(ferry_bin.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
-    mach["ferry_bin"] = f"{args.ferry_bin} built {built}"
+    mach["ferry_bin"] = f"`{args.ferry_bin}` built {built}; repository HEAD `{mach['ferry']}` when the run started"
     workdir = Path(tempfile.mkdtemp(prefix="bench-compare-"))
     # The echo stands for the network and the far end: it is not under test, so it runs at a
     # higher priority (where allowed) to keep its socket from overflowing when the shared
@@ -520,14 +520,14 @@ def draw_charts(results: dict, out: Path) -> None:
         pts = []
         for res in results["single"][impl]:
             if res:
-                pts += [(t["offered_dps"], t["delivered_dps"]) for t in res["result"]["trials"]
+                pts += [(t["offered_dps"], t["delivered_dps"], bool(t.get("ok"))) for t in res["result"]["trials"]
                         if t["offered_dps"] > 0]
         if not pts:
             continue
         lo = min(lo, min(p[0] for p in pts))
         hi = max(hi, max(p[0] for p in pts))
-        ok = [p for p in pts if p[1] >= p[0] * 0.999]
-        bad = [p for p in pts if p[1] < p[0] * 0.999]
+        ok = [p for p in pts if p[2]]
+        bad = [p for p in pts if not p[2]]
         ax.scatter([p[0] for p in ok], [max(p[1], 1) for p in ok], s=16, color=colors[impl],
                    label=names[impl], alpha=0.85)
         ax.scatter([p[0] for p in bad], [max(p[1], 1) for p in bad], s=22, color=colors[impl],
@@ -538,7 +538,7 @@ def draw_charts(results: dict, out: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("offered rate (datagrams/s, one tunnel, log scale)")
     ax.set_ylabel("delivered rate (datagrams/s, log)")
-    ax.set_title("One tunnel: every rate-search trial (x = more than 0.1% lost)")
+    ax.set_title("One tunnel: every rate-search trial (x = failed: >0.1% lost or rate not reached)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -581,7 +581,7 @@ def write_markdown(results: dict, commands: list[str], path: Path, charts: Path,
         f"{results['reps']} repetition(s), medians; {results['minutes']:.1f} min)")
     add("")
     add(f"**Machine:** {m['nproc']} cores ({m['cpu']}), {m['memory']} RAM, {m['uname']}; {m['rustc']}; "
-        f"Envoy {m['envoy'].replace('version: ', '')}; Ferry binary `{m.get('ferry_bin', '?')}` (work tree at `{m['ferry']}`). Load average "
+        f"Envoy {m['envoy'].replace('version: ', '')}; Ferry binary {m.get('ferry_bin', '?')}. Load average "
         f"{m['loadavg']} at the start, {m.get('loadavg_end', '?')} at the end. "
         "**This is a shared 2-core machine** (other engineers were compiling during the run): "
         "the client, the echo target and the proxy share the two cores, absolute numbers are "
@@ -697,7 +697,10 @@ def commands_from_markdown(path: Path) -> list[str]:
         text = path.read_text()
     except OSError:
         return []
-    return [l for l in text.splitlines() if l.startswith("ferry-bench ") and " echo " not in l]
+    if BEGIN not in text or END not in text:
+        return []
+    block = text.split(BEGIN, 1)[1].split(END, 1)[0]
+    return [l for l in block.splitlines() if l.startswith("ferry-bench ") and "--json" in l]
 
 
 def envoy_1200_note(results: dict) -> str:

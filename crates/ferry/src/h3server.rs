@@ -246,8 +246,17 @@ async fn handle_request(
             terminate(down, &hcm, ctx, &cluster, shutdown).await
         }
         Ok(Plan::Forward { cluster, authority }) => {
-            crate::forward::forward_h3(down, &req, &cluster, authority.as_deref(), ctx, shutdown)
-                .await
+            // Boxed: the forwarding future is twice the size of termination's, and every
+            // request's task would otherwise reserve room for it (about 5 KiB per tunnel).
+            Box::pin(crate::forward::forward_h3(
+                down,
+                &req,
+                &cluster,
+                authority.as_deref(),
+                ctx,
+                shutdown,
+            ))
+            .await
         }
         Err(rejection) => Err((down.stream, rejection)),
     };

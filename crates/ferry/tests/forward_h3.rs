@@ -30,7 +30,6 @@ const PASS_THROUGH_ROUTE: &str = r#"
                   - upgrade_type: CONNECT-UDP
 "#;
 
-
 /// A cluster that is the next-hop proxy at `next_hop`, over HTTP/3, trusting `ca_pem`.
 fn next_hop_cluster(next_hop: SocketAddr, ca_pem: &str, connect_timeout: &str) -> String {
     format!(

@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use support::tcp::{open, Version};
 use support::*;
 
-
 /// The reference terminate-tcp-h2-h1 bootstrap (TLS, ALPN h2 + http/1.1, codec AUTO,
 /// allow_connect), plus an HTTP/3 listener on the same address for Alt-Svc.
 fn tcp_bootstrap(cert: &TestCert, target: SocketAddr, codec: &str) -> String {
