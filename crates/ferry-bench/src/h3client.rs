@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use h3::ext::Protocol;
 use http::Method;
-use rustls::pki_types::CertificateDer;
 
 pub type SendRequest = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
 pub type ClientStream = h3::client::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
@@ -54,40 +53,12 @@ impl ProxyOptions {
     }
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
+/// The same TLS client configuration as Ferry's own client (TLS 1.3, ALPN h3).
 pub fn tls_config(opts: &ProxyOptions) -> Result<rustls::ClientConfig, String> {
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?;
-    let mut config = if opts.insecure {
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
-            .with_no_client_auth()
-    } else {
-        let pem = opts
-            .ca_pem
-            .as_deref()
-            .ok_or("no CA certificate given (--ca FILE or --insecure)")?;
-        let mut roots = rustls::RootCertStore::empty();
-        let certs: Result<Vec<CertificateDer<'static>>, _> =
-            rustls_pemfile::certs(&mut pem.as_bytes()).collect();
-        let certs = certs.map_err(|e| format!("bad CA PEM: {e}"))?;
-        if certs.is_empty() {
-            return Err("no certificate in the CA PEM".into());
-        }
-        for c in certs {
-            roots
-                .add(c)
-                .map_err(|e| format!("bad CA certificate: {e}"))?;
-        }
-        builder.with_root_certificates(roots).with_no_client_auth()
-    };
-    config.alpn_protocols = vec![b"h3".to_vec()];
-    Ok(config)
+    if !opts.insecure && opts.ca_pem.is_none() {
+        return Err("no CA certificate given (--ca FILE or --insecure)".into());
+    }
+    ferry::tls::client_config(opts.ca_pem.as_deref(), opts.insecure, &[b"h3"])
 }
 
 /// Transport settings: DATAGRAM support with large buffers, path-MTU discovery on (quinn's
@@ -214,51 +185,3 @@ pub fn h3_header(stream_id: u64) -> ([u8; 9], usize) {
     (hdr, n)
 }
 
-/// Accepts any server certificate: only for an explicit `--insecure`.
-#[derive(Debug)]
-struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for NoVerify {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
