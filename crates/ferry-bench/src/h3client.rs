@@ -184,4 +184,3 @@ pub fn h3_header(stream_id: u64) -> ([u8; 9], usize) {
     let n = ferry_proto::datagram::write_h3_udp_header(stream_id, &mut hdr);
     (hdr, n)
 }
-
