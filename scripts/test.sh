@@ -22,7 +22,7 @@ cargo build --release --workspace
 
 log "cargo test (unit, property, end-to-end)"
 set +e
-cargo test --release --workspace 2>&1 | tee "$root/target/cargo-test.log"
+cargo test --release --workspace --no-fail-fast 2>&1 | tee "$root/target/cargo-test.log"
 cargo_rc=${PIPESTATUS[0]}
 set -e
 # Counting never fails the script: a missing count is zero.
