@@ -16,7 +16,7 @@ use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor}
 
 use crate::raw::{
     DownstreamTlsContext, FileAccessLog, HttpConnectionManager, HttpProtocolOptions,
-    QuicDownstreamTransport, QuicUpstreamTransport, Router, StreamAccessLog,
+    QuicDownstreamTransport, QuicUpstreamTransport, Router, StreamAccessLog, UpstreamTlsContext,
 };
 
 /// `@type` of the QUIC downstream transport socket.
@@ -31,6 +31,8 @@ pub const HTTP_CONNECTION_MANAGER: &str = "type.googleapis.com/envoy.extensions.
 pub const QUIC_UPSTREAM_TRANSPORT: &str =
     "type.googleapis.com/envoy.extensions.transport_sockets.quic.v3.QuicUpstreamTransport";
 /// `@type` of a cluster's upstream HTTP protocol options.
+pub const UPSTREAM_TLS_CONTEXT: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
 pub const HTTP_PROTOCOL_OPTIONS: &str =
     "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 /// `@type` of the router HTTP filter.
@@ -127,6 +129,7 @@ impl AnySlot for HttpFilterConfig {
 #[derive(Debug)]
 pub(crate) enum UpstreamTransportConfig {
     Quic(QuicUpstreamTransport),
+    Tls(UpstreamTlsContext),
     Other(String),
 }
 
@@ -135,6 +138,7 @@ impl AnySlot for UpstreamTransportConfig {
     fn from_type<'de, D: Deserializer<'de>>(url: String, rest: D) -> Result<Self, D::Error> {
         Ok(match url.as_str() {
             QUIC_UPSTREAM_TRANSPORT => Self::Quic(QuicUpstreamTransport::deserialize(rest)?),
+            UPSTREAM_TLS_CONTEXT => Self::Tls(UpstreamTlsContext::deserialize(rest)?),
             _ => {
                 skip(rest)?;
                 Self::Other(url)

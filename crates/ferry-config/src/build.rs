@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crate::any::{
     DOWNSTREAM_TLS_CONTEXT, HTTP_CONNECTION_MANAGER, HTTP_PROTOCOL_OPTIONS,
-    QUIC_DOWNSTREAM_TRANSPORT, QUIC_UPSTREAM_TRANSPORT, ROUTER,
+    QUIC_DOWNSTREAM_TRANSPORT, QUIC_UPSTREAM_TRANSPORT, ROUTER, UPSTREAM_TLS_CONTEXT,
 };
 use crate::datasource::{decode_base64, PemKind};
 use crate::duration::{duration_from_parts, parse_duration};
@@ -1283,18 +1283,25 @@ fn build_upstream(ctx: &mut Ctx, p: &P, c: &raw::Cluster) -> Option<model::Upstr
                     continue;
                 };
                 ctx.unsupported(&ep, explicit.unsupported_fields());
-                match &explicit.http3_protocol_options {
-                    Some(h3) => {
-                        let hp = ep.f("http3_protocol_options");
-                        ctx.unsupported(&hp, h3.unsupported_fields());
-                        protocol = Some(model::UpstreamProtocol::Http3 {
-                            allow_extended_connect: h3.allow_extended_connect.unwrap_or(false),
-                        });
-                    }
-                    None if explicit.unsupported_fields().is_empty() => {
-                        ctx.err(&ep, "one of http3_protocol_options (supported), http2_protocol_options or http_protocol_options is required");
-                    }
-                    None => {}
+                let mut chosen = Vec::new();
+                if let Some(h3) = &explicit.http3_protocol_options {
+                    ctx.unsupported(&ep.f("http3_protocol_options"), h3.unsupported_fields());
+                    chosen.push(model::UpstreamProtocol::Http3 {
+                        allow_extended_connect: h3.allow_extended_connect.unwrap_or(false),
+                    });
+                }
+                if let Some(h2) = &explicit.http2_protocol_options {
+                    ctx.unsupported(&ep.f("http2_protocol_options"), h2.unsupported_fields());
+                    chosen.push(model::UpstreamProtocol::Http2);
+                }
+                if let Some(h1) = &explicit.http_protocol_options {
+                    ctx.unsupported(&ep.f("http_protocol_options"), h1.unsupported_fields());
+                    chosen.push(model::UpstreamProtocol::Http1);
+                }
+                match chosen.as_slice() {
+                    [one] => protocol = Some(*one),
+                    [] => ctx.err(&ep, "one of http3_protocol_options, http2_protocol_options or http_protocol_options is required"),
+                    _ => ctx.err(&ep, "only one of http3_protocol_options, http2_protocol_options and http_protocol_options may be set (a oneof in Envoy)"),
                 }
             }
             ProtocolOptionsConfig::Other(url) => {
@@ -1307,46 +1314,68 @@ fn build_upstream(ctx: &mut Ctx, p: &P, c: &raw::Cluster) -> Option<model::Upstr
     }
 
     let tp = p.f("transport_socket");
+    let quic = matches!(protocol, Some(model::UpstreamProtocol::Http3 { .. }));
     let tls = c.transport_socket.as_ref().map(|ts| {
         ctx.unsupported(&tp, ts.unsupported_fields());
         let cp = tp.f("typed_config");
+        let name = ts.name.as_deref().unwrap_or("");
         match &ts.typed_config {
             Some(UpstreamTransportConfig::Quic(q)) => {
-                check_name(ctx, &tp.f("name"), ts.name.as_deref().unwrap_or(""), QUIC_NAME);
+                check_name(ctx, &tp.f("name"), name, QUIC_NAME);
                 ctx.unsupported(&cp, q.unsupported_fields());
+                if protocol.is_some() && !quic {
+                    ctx.err(&cp, "a QUIC transport socket needs http3_protocol_options; HTTP/2 and HTTP/1.1 upstreams use `envoy.transport_sockets.tls`");
+                }
                 let up = cp.f("upstream_tls_context");
                 match &q.upstream_tls_context {
                     Some(u) => build_upstream_tls(ctx, &up, u),
                     None => model::UpstreamTls::default(),
                 }
             }
+            Some(UpstreamTransportConfig::Tls(u)) => {
+                check_name(ctx, &tp.f("name"), name, TLS_NAME);
+                if quic {
+                    ctx.err(&cp, format!("HTTP/3 upstreams need `{QUIC_NAME}` with `{QUIC_UPSTREAM_TRANSPORT}`"));
+                }
+                build_upstream_tls(ctx, &cp, u)
+            }
             Some(UpstreamTransportConfig::Other(url)) => {
                 ctx.err(
                     &cp.f("@type"),
-                    format!("`{url}` is not supported by Ferry (yet) on a cluster; expected `{QUIC_UPSTREAM_TRANSPORT}`"),
+                    format!("`{url}` is not supported by Ferry (yet) on a cluster; expected `{QUIC_UPSTREAM_TRANSPORT}` or `{UPSTREAM_TLS_CONTEXT}`"),
                 );
                 model::UpstreamTls::default()
             }
             None => {
-                ctx.err(&cp, format!("is required: `{QUIC_UPSTREAM_TRANSPORT}`"));
+                ctx.err(&cp, format!("is required: `{QUIC_UPSTREAM_TRANSPORT}` or `{UPSTREAM_TLS_CONTEXT}`"));
                 model::UpstreamTls::default()
             }
         }
     });
 
     match (protocol, tls) {
-        (Some(protocol), Some(tls)) => Some(model::UpstreamHttp { protocol, tls }),
-        (Some(_), None) => {
+        (Some(protocol), Some(tls)) => Some(model::UpstreamHttp {
+            protocol,
+            tls,
+            plaintext: false,
+        }),
+        (Some(model::UpstreamProtocol::Http3 { .. }), None) => {
             ctx.err(
                 &tp,
                 format!("is required with http3_protocol_options: `{QUIC_NAME}` with `{QUIC_UPSTREAM_TRANSPORT}`"),
             );
             None
         }
+        // HTTP/2 and HTTP/1.1 without a transport socket: cleartext, as in Envoy.
+        (Some(protocol), None) => Some(model::UpstreamHttp {
+            protocol,
+            tls: model::UpstreamTls::default(),
+            plaintext: true,
+        }),
         (None, Some(_)) if c.typed_extension_protocol_options.is_empty() => {
             ctx.err(
                 &op,
-                "a QUIC transport_socket needs HTTP/3: typed_extension_protocol_options with http3_protocol_options",
+                "a transport_socket on a forwarding cluster needs typed_extension_protocol_options (HttpProtocolOptions with http3_protocol_options, http2_protocol_options or http_protocol_options)",
             );
             None
         }

@@ -238,8 +238,12 @@ pub struct Cluster {
 #[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamHttp {
     pub protocol: UpstreamProtocol,
-    /// From the cluster's `transport_socket` (`QuicUpstreamTransport.upstream_tls_context`).
+    /// From the cluster's `transport_socket` (`QuicUpstreamTransport.upstream_tls_context`,
+    /// or for HTTP/2 and HTTP/1.1 `envoy.transport_sockets.tls`'s `UpstreamTlsContext`).
     pub tls: UpstreamTls,
+    /// HTTP/2 and HTTP/1.1 without a `transport_socket`: cleartext TCP (h2c with prior
+    /// knowledge for HTTP/2). Always false for HTTP/3.
+    pub plaintext: bool,
 }
 
 /// `HttpProtocolOptions.explicit_http_config`.
@@ -247,6 +251,10 @@ pub struct UpstreamHttp {
 pub enum UpstreamProtocol {
     /// `http3_protocol_options`.
     Http3 { allow_extended_connect: bool },
+    /// `http2_protocol_options`: extended CONNECT (RFC 8441), datagrams as capsules.
+    Http2,
+    /// `http_protocol_options`: `Upgrade: connect-udp`, one TCP connection per tunnel.
+    Http1,
 }
 
 /// `upstream_tls_context`.

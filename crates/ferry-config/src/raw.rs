@@ -397,8 +397,22 @@ envoy_message! {
     /// `HttpProtocolOptions.ExplicitHttpConfig`.
     struct ExplicitHttpConfig {
         http3_protocol_options: Option<Http3ProtocolOptions>,
+        http2_protocol_options: Option<Http2ProtocolOptions>,
+        http_protocol_options: Option<Http1ProtocolOptions>,
     }
-    unsupported [http_protocol_options, http2_protocol_options]
+    unsupported []
+}
+
+envoy_message! {
+    /// `envoy.config.core.v3.Http1ProtocolOptions` (on a cluster: HTTP/1.1 upstreams).
+    struct Http1ProtocolOptions {
+    }
+    unsupported [
+        allow_absolute_url, accept_http_10, default_host_for_http_10, header_key_format,
+        enable_trailers, allow_chunked_length, override_stream_error_on_invalid_http_message,
+        send_fully_qualified_url, use_balsa_parser, allow_custom_methods,
+        ignore_http_11_upgrade,
+    ]
 }
 
 envoy_message! {

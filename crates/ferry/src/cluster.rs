@@ -38,6 +38,8 @@ pub struct ClusterState {
     pub config: Cluster,
     /// HTTP/3 connections to the cluster's hosts, for clusters that are next-hop proxies.
     pub upstream: Option<crate::upstream::UpstreamPool>,
+    /// HTTP/2 or HTTP/1.1 connections to them, for the other `explicit_http_config`s.
+    pub tcp_upstream: Option<crate::upstream_tcp::TcpPool>,
     hosts: ArcSwap<Hosts>,
     next: AtomicUsize,
     /// Becomes true once the first resolution attempt has finished (success or not).
@@ -65,6 +67,7 @@ impl ClusterState {
         Arc::new(ClusterState {
             config,
             upstream: None,
+            tcp_upstream: None,
             hosts: ArcSwap::from_pointee(Hosts {
                 addrs: static_hosts.unwrap_or_default(),
                 dns_error: None,
@@ -205,12 +208,26 @@ impl ClusterManager {
             clusters: configs
                 .iter()
                 .map(|c| {
-                    let upstream = c.upstream.clone().map(|u| {
-                        crate::upstream::UpstreamPool::new(&c.name, u, c.connect_timeout, store)
-                    });
                     let mut state = ClusterState::new(c.clone());
-                    if let Some(s) = Arc::get_mut(&mut state) {
-                        s.upstream = upstream;
+                    if let (Some(s), Some(u)) = (Arc::get_mut(&mut state), c.upstream.clone()) {
+                        match u.protocol {
+                            ferry_config::UpstreamProtocol::Http3 { .. } => {
+                                s.upstream = Some(crate::upstream::UpstreamPool::new(
+                                    &c.name,
+                                    u,
+                                    c.connect_timeout,
+                                    store,
+                                ));
+                            }
+                            _ => {
+                                s.tcp_upstream = Some(crate::upstream_tcp::TcpPool::new(
+                                    &c.name,
+                                    u,
+                                    c.connect_timeout,
+                                    store,
+                                ));
+                            }
+                        }
                     }
                     (c.name.clone(), state)
                 })

@@ -283,16 +283,20 @@ fn cluster(c: &Cluster) -> Value {
         },
     });
     if let (Some(up), Some(m)) = (&c.upstream, v.as_object_mut()) {
-        let UpstreamProtocol::Http3 {
-            allow_extended_connect,
-        } = up.protocol;
+        let explicit = match up.protocol {
+            UpstreamProtocol::Http3 {
+                allow_extended_connect,
+            } => json!({"http3_protocol_options": {
+                "allow_extended_connect": allow_extended_connect
+            }}),
+            UpstreamProtocol::Http2 => json!({"http2_protocol_options": {}}),
+            UpstreamProtocol::Http1 => json!({"http_protocol_options": {}}),
+        };
         m.insert(
             "typed_extension_protocol_options".into(),
             json!({"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http3_protocol_options": {
-                    "allow_extended_connect": allow_extended_connect
-                }},
+                "explicit_http_config": explicit,
             }}),
         );
         let mut tls = Map::new();
@@ -305,13 +309,29 @@ fn cluster(c: &Cluster) -> Value {
                 json!({"validation_context": {"trusted_ca": {"inline_string": ca}}}),
             );
         }
-        m.insert(
-            "transport_socket".into(),
-            json!({"name": "envoy.transport_sockets.quic", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.quic.v3.QuicUpstreamTransport",
-                "upstream_tls_context": Value::Object(tls),
-            }}),
-        );
+        let socket = match up.protocol {
+            UpstreamProtocol::Http3 { .. } => Some(
+                json!({"name": "envoy.transport_sockets.quic", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.quic.v3.QuicUpstreamTransport",
+                    "upstream_tls_context": Value::Object(tls),
+                }}),
+            ),
+            _ if up.plaintext => None,
+            _ => {
+                let mut ctx = tls;
+                ctx.insert(
+                    "@type".into(),
+                    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+                        .into(),
+                );
+                Some(
+                    json!({"name": "envoy.transport_sockets.tls", "typed_config": Value::Object(ctx)}),
+                )
+            }
+        };
+        if let Some(socket) = socket {
+            m.insert("transport_socket".into(), socket);
+        }
     }
     v
 }

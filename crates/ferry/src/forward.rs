@@ -25,6 +25,7 @@ use crate::stats::{ConnectUdpStats, DropReason, Encoding};
 use crate::stream::{StreamRecv, StreamSend};
 use crate::tunnel::MAX_CAPSULE_LEN;
 use crate::upstream::StreamLease;
+use ferry_proto::request::Rejection;
 
 /// Datagrams waiting to be sent as capsules on a stream, per direction.
 const CAPSULE_QUEUE: usize = 256;
@@ -32,16 +33,31 @@ const CAPSULE_QUEUE: usize = 256;
 /// How long to wait for the next hop's response head.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Sends one hop's datagrams to the other hop.
+/// The QUIC side of an HTTP/3 hop: its connection, its stream, and its peer's SETTINGS.
+pub struct QuicSide {
+    pub conn: quinn::Connection,
+    /// The hop's datagram demux, where this tunnel registers its stream.
+    pub registry: Registry,
+    /// This hop's stream id (its quarter stream id tags datagrams there).
+    pub stream_id: u64,
+    /// The hop's HTTP/3 state: whether it sent SETTINGS_H3_DATAGRAM is read per datagram
+    /// (a `OnceLock` read), because the SETTINGS frame can arrive after the tunnel is set up.
+    pub peer: Arc<h3::SharedState>,
+}
+
+/// One hop of a forwarded tunnel: its request stream's halves and, over HTTP/3, its QUIC
+/// datagrams. HTTP/2 and HTTP/1.1 hops have only the stream (the Capsule Protocol).
+pub struct Side<R, S> {
+    pub recv: R,
+    pub send: S,
+    pub quic: Option<QuicSide>,
+}
+
+/// Sends datagrams to one hop.
 struct HopSink {
-    conn: quinn::Connection,
-    /// The other hop's stream id (its quarter stream id tags our datagrams there).
-    stream_id: u64,
-    /// The other hop's HTTP/3 state: whether it sent SETTINGS_H3_DATAGRAM is read per
-    /// datagram (a `OnceLock` read), because the SETTINGS frame can arrive after the
-    /// tunnel is set up.
-    peer: Arc<h3::SharedState>,
-    /// Capsule fallback when it did not.
+    /// The hop's QUIC datagrams, when it speaks HTTP/3: (connection, stream id, SETTINGS).
+    quic: Option<(quinn::Connection, u64, Arc<h3::SharedState>)>,
+    /// DATAGRAM capsules on the hop's stream: for hops without HTTP/3 datagrams.
     capsules: mpsc::Sender<Bytes>,
     stats: ConnectUdpStats,
     /// Which way this sink carries, for the stats.
@@ -53,48 +69,65 @@ impl HopSink {
         if self.toward_client {
             self.stats.tx.record(encoding, len);
         } else {
-            self.stats.rx.record(Encoding::QuicDatagram, len);
+            self.stats.rx.record(encoding, len);
             self.stats.upstream_datagrams_tx.inc();
+        }
+    }
+
+    /// Whether the hop takes QUIC datagrams (HTTP/3 with SETTINGS_H3_DATAGRAM).
+    fn quic_datagrams(&self) -> Option<(&quinn::Connection, u64)> {
+        use h3::ConnectionState;
+        let (conn, id, peer) = self.quic.as_ref()?;
+        peer.settings().enable_datagram().then_some((conn, *id))
+    }
+
+    /// Send one HTTP Datagram payload as a QUIC datagram on the hop.
+    fn send_quic(
+        &self,
+        conn: &quinn::Connection,
+        stream_id: u64,
+        payload: &[u8],
+    ) -> Result<(), DropReason> {
+        let header = ferry_proto::varint::encoded_len(stream_id / 4);
+        let Some(max) = conn.max_datagram_size() else {
+            return Err(DropReason::TooLarge);
+        };
+        if header + payload.len() > max {
+            return Err(DropReason::TooLarge);
+        }
+        if conn.datagram_send_buffer_space() < header + payload.len() {
+            return Err(DropReason::BufferFull);
+        }
+        let mut out = BytesMut::with_capacity(header + payload.len());
+        ferry_proto::varint::put(stream_id / 4, &mut out).map_err(|_| DropReason::Malformed)?;
+        out.extend_from_slice(payload);
+        match conn.send_datagram(out.freeze()) {
+            Ok(()) => {
+                self.record(Encoding::QuicDatagram, payload.len());
+                Ok(())
+            }
+            Err(quinn::SendDatagramError::TooLarge) => Err(DropReason::TooLarge),
+            Err(_) => Err(DropReason::SocketError),
         }
     }
 }
 
 impl DatagramSink for HopSink {
+    /// A QUIC datagram from the other hop.
     fn deliver(&self, payload: Bytes) -> Result<(), DropReason> {
-        use h3::ConnectionState;
-        if !self.peer.settings().enable_datagram() {
-            let len = payload.len();
-            self.capsules
-                .try_send(payload)
-                .map_err(|_| DropReason::BufferFull)?;
-            self.record(Encoding::Capsule, len);
-            return Ok(());
-        }
-        let header = ferry_proto::varint::encoded_len(self.stream_id / 4);
-        let Some(max) = self.conn.max_datagram_size() else {
-            return Err(DropReason::TooLarge);
-        };
-        if header + payload.len() > max {
+        match self.quic_datagrams() {
             //= https://www.rfc-editor.org/rfc/rfc9297#section-3.5
             //# intermediaries ... SHOULD NOT convert ... a DATAGRAM frame ... too large
             // An intermediary drops it rather than turning it into a capsule.
-            return Err(DropReason::TooLarge);
-        }
-        if self.conn.datagram_send_buffer_space() < header + payload.len() {
-            return Err(DropReason::BufferFull);
-        }
-        let mut out = BytesMut::with_capacity(header + payload.len());
-        ferry_proto::varint::put(self.stream_id / 4, &mut out)
-            .map_err(|_| DropReason::Malformed)?;
-        out.extend_from_slice(&payload);
-        let len = payload.len();
-        match self.conn.send_datagram(out.freeze()) {
-            Ok(()) => {
-                self.record(Encoding::QuicDatagram, len);
+            Some((conn, id)) => self.send_quic(conn, id, &payload),
+            None => {
+                let len = payload.len();
+                self.capsules
+                    .try_send(payload)
+                    .map_err(|_| DropReason::BufferFull)?;
+                self.record(Encoding::Capsule, len);
                 Ok(())
             }
-            Err(quinn::SendDatagramError::TooLarge) => Err(DropReason::TooLarge),
-            Err(_) => Err(DropReason::SocketError),
         }
     }
 }
@@ -130,13 +163,17 @@ enum Half {
 }
 
 /// Pump one stream direction: capsules from `recv` (re-encoded as they are) and queued
-/// datagrams (as DATAGRAM capsules) go out on `send`.
+/// datagrams (as DATAGRAM capsules) go out on `send`. `convert`: the sending hop speaks
+/// only the Capsule Protocol (HTTP/2, HTTP/1.1) and the receiving hop is HTTP/3, so its
+/// DATAGRAM capsules become QUIC datagrams where the receiving hop takes them and they fit
+/// (RFC 9297 section 3.5); otherwise they stay capsules, never lost.
 async fn pump(
     recv: &mut impl StreamRecv,
     send: &mut impl StreamSend,
     mut queued: mpsc::Receiver<Bytes>,
     stats: &ConnectUdpStats,
     toward_client: bool,
+    convert: Option<&HopSink>,
 ) -> Half {
     let mut decoder = CapsuleDecoder::new(MAX_CAPSULE_LEN);
     loop {
@@ -144,6 +181,16 @@ async fn pump(
             match decoder.next() {
                 Ok(Some(c)) => {
                     if let Capsule::Datagram(p) = &c {
+                        //= https://www.rfc-editor.org/rfc/rfc9297#section-3.5
+                        //# an intermediary MAY send a DATAGRAM capsule to forward an HTTP
+                        //# Datagram that was received in a QUIC DATAGRAM frame and vice versa.
+                        if let Some((sink, (conn, id))) =
+                            convert.and_then(|s| s.quic_datagrams().map(|q| (s, q)))
+                        {
+                            if sink.send_quic(conn, id, p).is_ok() {
+                                continue;
+                            }
+                        }
                         if toward_client {
                             stats.tx.record(Encoding::Capsule, p.len());
                         } else {
@@ -180,61 +227,85 @@ pub type DownSend = h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes
 pub type DownRecv = h3::server::RequestStream<h3_quinn::RecvStream, Bytes>;
 pub type UpStream = h3::client::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
 
-/// Both hops of a forwarded tunnel, after the next hop answered 2xx.
-pub struct Hops {
-    pub down_send: DownSend,
-    pub down_recv: DownRecv,
-    pub down_conn: quinn::Connection,
-    pub down_registry: Registry,
-    pub down_stream_id: u64,
-    pub down_peer: Arc<h3::SharedState>,
-    pub up: UpStream,
-    pub lease: StreamLease,
-}
-
-/// Relay until either side ends; then end the other. Returns how it ended.
-pub async fn relay(
-    hops: Hops,
+/// Relay between the client's hop (`down`) and the next hop (`up`) until either side
+/// ends; then end the other. Returns how it ended.
+pub async fn relay<DR, DS, UR, US>(
+    down: Side<DR, DS>,
+    up: Side<UR, US>,
     stats: &ConnectUdpStats,
     mut shutdown: crate::shutdown::Waiter,
-) -> crate::tunnel::End {
+) -> crate::tunnel::End
+where
+    DR: StreamRecv,
+    DS: StreamSend,
+    UR: StreamRecv,
+    US: StreamSend,
+{
     use crate::tunnel::End;
-    let Hops {
-        mut down_send,
-        mut down_recv,
-        down_conn,
-        down_registry,
-        down_stream_id,
-        down_peer,
-        up,
-        lease,
-    } = hops;
-    let up_stream_id = up.id().into_inner();
-    let (mut up_send, mut up_recv) = up.split();
+    let Side {
+        recv: mut down_recv,
+        send: mut down_send,
+        quic: down_quic,
+    } = down;
+    let Side {
+        recv: mut up_recv,
+        send: mut up_send,
+        quic: up_quic,
+    } = up;
 
     let (to_up_tx, to_up_rx) = mpsc::channel(CAPSULE_QUEUE);
     let (to_down_tx, to_down_rx) = mpsc::channel(CAPSULE_QUEUE);
-    let from_client: Arc<dyn DatagramSink> = Arc::new(HopSink {
-        conn: lease.conn.conn.clone(),
-        stream_id: up_stream_id,
-        peer: lease.conn.peer.clone(),
+    let quic_of = |q: &Option<QuicSide>| {
+        q.as_ref()
+            .map(|q| (q.conn.clone(), q.stream_id, q.peer.clone()))
+    };
+    let toward_up = Arc::new(HopSink {
+        quic: quic_of(&up_quic),
         capsules: to_up_tx,
         stats: stats.clone(),
         toward_client: false,
     });
-    let from_next_hop: Arc<dyn DatagramSink> = Arc::new(HopSink {
-        conn: down_conn.clone(),
-        stream_id: down_stream_id,
-        peer: down_peer,
+    let toward_down = Arc::new(HopSink {
+        quic: quic_of(&down_quic),
         capsules: to_down_tx,
         stats: stats.clone(),
         toward_client: true,
     });
-    let _down_reg = RegistrationGuard::new(&down_registry, down_stream_id, from_client);
-    let _up_reg = RegistrationGuard::new(&lease.conn.registry, up_stream_id, from_next_hop);
+    // Each HTTP/3 hop's QUIC datagrams go to the other hop.
+    let _down_reg = down_quic.as_ref().map(|q| {
+        RegistrationGuard::new(
+            &q.registry,
+            q.stream_id,
+            toward_up.clone() as Arc<dyn DatagramSink>,
+        )
+    });
+    let _up_reg = up_quic.as_ref().map(|q| {
+        RegistrationGuard::new(
+            &q.registry,
+            q.stream_id,
+            toward_down.clone() as Arc<dyn DatagramSink>,
+        )
+    });
+    // Capsule-only hop -> HTTP/3 hop: convert DATAGRAM capsules.
+    let convert_up = (down_quic.is_none() && up_quic.is_some()).then_some(&*toward_up);
+    let convert_down = (up_quic.is_none() && down_quic.is_some()).then_some(&*toward_down);
 
-    let client_to_next = pump(&mut down_recv, &mut up_send, to_up_rx, stats, false);
-    let next_to_client = pump(&mut up_recv, &mut down_send, to_down_rx, stats, true);
+    let client_to_next = pump(
+        &mut down_recv,
+        &mut up_send,
+        to_up_rx,
+        stats,
+        false,
+        convert_up,
+    );
+    let next_to_client = pump(
+        &mut up_recv,
+        &mut down_send,
+        to_down_rx,
+        stats,
+        true,
+        convert_down,
+    );
     enum Ended {
         Client(Half),
         NextHop(Half),
@@ -254,28 +325,94 @@ pub async fn relay(
     };
     match end {
         End::ClientFinished | End::Shutdown => {
-            let _ = up_send.finish().await;
-            let _ = down_send.finish().await;
+            up_send.finish().await;
+            down_send.finish().await;
         }
         End::NextHopFinished => {
-            let _ = down_send.finish().await;
-            let _ = up_send.finish().await;
+            down_send.finish().await;
+            up_send.finish().await;
         }
         End::ClientGone => {
-            up_send.stop_stream(Code::H3_REQUEST_CANCELLED);
-            down_send.stop_stream(Code::H3_MESSAGE_ERROR);
+            up_send.reset(Code::H3_REQUEST_CANCELLED);
+            down_send.reset(Code::H3_MESSAGE_ERROR);
         }
         _ => {
-            down_send.stop_stream(Code::H3_CONNECT_ERROR);
-            up_send.stop_stream(Code::H3_REQUEST_CANCELLED);
+            down_send.reset(Code::H3_CONNECT_ERROR);
+            up_send.reset(Code::H3_REQUEST_CANCELLED);
         }
     }
-    drop(lease);
     end
 }
 
-/// Request headers that belong to one hop and are not forwarded.
-const HOP_BY_HOP: [&str; 7] = [
+/// The next hop's side of a tunnel it accepted.
+pub enum NextHopTunnel {
+    /// An HTTP/3 stream, holding its slot on the pooled connection.
+    H3 {
+        stream: Box<UpStream>,
+        lease: StreamLease,
+    },
+    /// An HTTP/2 or HTTP/1.1 upgraded stream.
+    Tcp {
+        recv: crate::upstream_tcp::TcpRecv,
+        send: crate::upstream_tcp::TcpSend,
+    },
+}
+
+/// The next hop's answer to a forwarded request.
+pub struct NextHop {
+    /// Its status as the client's HTTP version would say it: an HTTP/1.1 next hop's
+    /// 101 is a 200 here (the client's hop turns it back into 101 for HTTP/1.1).
+    pub status: http::StatusCode,
+    /// Its end-to-end response headers.
+    pub headers: http::HeaderMap,
+    /// The tunnel, when it accepted.
+    pub tunnel: Option<NextHopTunnel>,
+    pub addr: std::net::SocketAddr,
+}
+
+/// Relay between the client's hop and whichever kind of next hop accepted.
+pub async fn relay_next_hop<DR: StreamRecv, DS: StreamSend>(
+    down: Side<DR, DS>,
+    up: NextHopTunnel,
+    stats: &ConnectUdpStats,
+    shutdown: crate::shutdown::Waiter,
+) -> crate::tunnel::End {
+    match up {
+        NextHopTunnel::H3 { stream, lease } => {
+            let stream_id = stream.id().into_inner();
+            let (send, recv) = (*stream).split();
+            let up = Side {
+                recv,
+                send,
+                quic: Some(QuicSide {
+                    conn: lease.conn.conn.clone(),
+                    registry: lease.conn.registry.clone(),
+                    stream_id,
+                    peer: lease.conn.peer.clone(),
+                }),
+            };
+            let end = relay(down, up, stats, shutdown).await;
+            drop(lease);
+            end
+        }
+        NextHopTunnel::Tcp { recv, send } => {
+            relay(
+                down,
+                Side {
+                    recv,
+                    send,
+                    quic: None,
+                },
+                stats,
+                shutdown,
+            )
+            .await
+        }
+    }
+}
+
+/// Request and response headers that belong to one hop and are not forwarded.
+const HOP_BY_HOP: [&str; 8] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -283,9 +420,11 @@ const HOP_BY_HOP: [&str; 7] = [
     "upgrade",
     "te",
     "host",
+    "content-length",
 ];
 
-fn copy_headers(from: &http::HeaderMap, to: &mut http::HeaderMap) {
+/// Copy end-to-end headers from one hop's message to the other's.
+pub fn copy_headers(from: &http::HeaderMap, to: &mut http::HeaderMap) {
     for (k, v) in from {
         if !HOP_BY_HOP.contains(&k.as_str()) {
             to.append(k.clone(), v.clone());
@@ -304,96 +443,59 @@ pub struct Downstream {
     pub peer: Arc<h3::SharedState>,
 }
 
-/// Forward one CONNECT-UDP request to a host of `cluster`. On a refusal before anything
-/// was sent to the client, the stream comes back with the rejection to send.
-pub async fn forward_h3(
-    down: Downstream,
+/// An accepted next hop, with the tunnel's own stats (for its access-log counters).
+pub struct Opened {
+    pub next: NextHop,
+    pub stats: ConnectUdpStats,
+}
+
+/// Send a CONNECT-UDP request on to a host of `cluster`, over the cluster's HTTP version,
+/// and wait for its answer. `authority`: the `:authority` to send (None: the client's own).
+/// A refusal here is Ferry's (no next hop answered); the next hop's own refusals come
+/// back as a [`NextHop`] without a tunnel.
+pub async fn open_next_hop(
     req: &http::Request<()>,
     cluster: &str,
     authority: Option<&str>,
     ctx: &crate::h3server::ListenerCtx,
-    shutdown: crate::shutdown::Waiter,
-) -> Result<(), (H3Stream, ferry_proto::request::Rejection)> {
+) -> Result<Opened, Rejection> {
     use crate::cluster::PickError;
     use crate::decide::reject;
-    use crate::upstream::UpstreamError;
 
-    let Downstream {
-        mut stream,
-        conn,
-        registry,
-        peer,
-    } = down;
     let clusters = ctx.clusters.load();
     let Some(state) = clusters.get(cluster) else {
-        return Err((
-            stream,
-            reject(
-                503,
-                Some("destination_unavailable"),
-                format!("no cluster {cluster}"),
-            ),
+        return Err(reject(
+            503,
+            Some("destination_unavailable"),
+            format!("no cluster {cluster}"),
         ));
     };
-    let Some(pool) = state.upstream.as_ref() else {
-        return Err((
-            stream,
-            reject(
-                503,
-                Some("proxy_configuration_error"),
-                format!(
-                    "cluster {cluster} has no HTTP/3 upstream (typed_extension_protocol_options)"
-                ),
-            ),
+    if state.upstream.is_none() && state.tcp_upstream.is_none() {
+        return Err(reject(
+            503,
+            Some("proxy_configuration_error"),
+            format!("cluster {cluster} has no upstream HTTP protocol (typed_extension_protocol_options)"),
         ));
-    };
+    }
     let addr = match state.pick() {
         Ok(a) => a,
         Err(PickError::Dns(e)) => {
-            return Err((
-                stream,
-                reject(503, Some("dns_error"), format!("cluster {cluster}: {e}")),
+            return Err(reject(
+                503,
+                Some("dns_error"),
+                format!("cluster {cluster}: {e}"),
             ))
         }
         Err(e) => {
-            return Err((
-                stream,
-                reject(
-                    503,
-                    Some("destination_unavailable"),
-                    format!("cluster {cluster}: no healthy upstream ({e:?})"),
-                ),
+            return Err(reject(
+                503,
+                Some("destination_unavailable"),
+                format!("cluster {cluster}: no healthy upstream ({e:?})"),
             ))
         }
     };
     let (tunnel_stats, counters) = ctx.stats.connect_udp.for_tunnel();
     crate::accesslog::note(|r| r.tunnel_opened(cluster, addr, None, &counters));
-    let lease = match pool.lease(addr).await {
-        Ok(l) => l,
-        Err(UpstreamError::Timeout) => {
-            return Err((
-                stream,
-                reject(
-                    503,
-                    Some("connection_timeout"),
-                    format!("next hop {addr} did not answer in time"),
-                ),
-            ))
-        }
-        Err(UpstreamError::Refused(e)) => {
-            return Err((
-                stream,
-                reject(
-                    502,
-                    Some("connection_refused"),
-                    format!("next hop {addr}: {e}"),
-                ),
-            ))
-        }
-        Err(UpstreamError::Local(e)) => {
-            return Err((stream, reject(503, Some("proxy_internal_error"), e)))
-        }
-    };
 
     // The request as the next hop sees it: Envoy's rewritten authority, or (pass-through)
     // the client's own.
@@ -403,6 +505,12 @@ pub async fn forward_h3(
             .uri()
             .authority()
             .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                req.headers()
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            })
             .unwrap_or_default(),
     };
     let path = req
@@ -410,83 +518,205 @@ pub async fn forward_h3(
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/");
+    let next = match (&state.upstream, &state.tcp_upstream) {
+        (Some(pool), _) => open_h3(pool, addr, &authority, path, req.headers()).await?,
+        (None, Some(pool)) => open_tcp(pool, addr, &authority, path, req.headers()).await?,
+        (None, None) => return Err(reject(503, Some("proxy_internal_error"), "no pool")),
+    };
+    Ok(Opened {
+        next,
+        stats: tunnel_stats,
+    })
+}
+
+fn connect_rejection(addr: std::net::SocketAddr, e: crate::upstream::UpstreamError) -> Rejection {
+    use crate::decide::reject;
+    use crate::upstream::UpstreamError;
+    match e {
+        UpstreamError::Timeout => reject(
+            503,
+            Some("connection_timeout"),
+            format!("next hop {addr} did not answer in time"),
+        ),
+        UpstreamError::Refused(e) => reject(
+            502,
+            Some("connection_refused"),
+            format!("next hop {addr}: {e}"),
+        ),
+        UpstreamError::Local(e) => reject(503, Some("proxy_internal_error"), e),
+    }
+}
+
+fn no_response(addr: std::net::SocketAddr) -> Rejection {
+    crate::decide::reject(
+        504,
+        Some("connection_read_timeout"),
+        format!("next hop {addr} sent no response"),
+    )
+}
+
+async fn open_h3(
+    pool: &crate::upstream::UpstreamPool,
+    addr: std::net::SocketAddr,
+    authority: &str,
+    path: &str,
+    headers: &http::HeaderMap,
+) -> Result<NextHop, Rejection> {
+    use crate::decide::reject;
+    let lease = pool
+        .lease(addr)
+        .await
+        .map_err(|e| connect_rejection(addr, e))?;
     let mut up_req = http::Request::builder()
         .method(http::Method::CONNECT)
         .uri(format!("https://{authority}{path}"))
         .extension(h3::ext::Protocol::CONNECT_UDP)
         .body(());
-    let up_req = match up_req.as_mut() {
-        Ok(r) => {
-            copy_headers(req.headers(), r.headers_mut());
-            up_req
-        }
-        Err(_) => up_req,
-    };
-    let Ok(up_req) = up_req else {
-        return Err((
-            stream,
-            reject(
-                400,
-                Some("http_request_error"),
-                "request cannot be forwarded",
-            ),
-        ));
-    };
+    if let Ok(r) = up_req.as_mut() {
+        copy_headers(headers, r.headers_mut());
+    }
+    let up_req = up_req.map_err(|_| {
+        reject(
+            400,
+            Some("http_request_error"),
+            "request cannot be forwarded",
+        )
+    })?;
     pool.stats.upstream_rq_total.inc();
     let mut send_request = lease.conn.send_request.clone();
-    let mut up = match send_request.send_request(up_req).await {
-        Ok(s) => s,
-        Err(e) => {
-            return Err((
-                stream,
-                reject(
-                    502,
-                    Some("connection_terminated"),
-                    format!("next hop {addr}: {e}"),
-                ),
-            ))
-        }
-    };
+    let mut up = send_request.send_request(up_req).await.map_err(|e| {
+        reject(
+            502,
+            Some("connection_terminated"),
+            format!("next hop {addr}: {e}"),
+        )
+    })?;
     let resp = match tokio::time::timeout(RESPONSE_TIMEOUT, up.recv_response()).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            return Err((
-                stream,
-                reject(
-                    502,
-                    Some("http_response_incomplete"),
-                    format!("next hop {addr}: {e}"),
-                ),
+            return Err(reject(
+                502,
+                Some("http_response_incomplete"),
+                format!("next hop {addr}: {e}"),
             ))
         }
-        Err(_) => {
-            return Err((
-                stream,
-                reject(
-                    504,
-                    Some("connection_read_timeout"),
-                    format!("next hop {addr} sent no response"),
-                ),
+        Err(_) => return Err(no_response(addr)),
+    };
+    let status = resp.status();
+    let mut headers = http::HeaderMap::new();
+    copy_headers(resp.headers(), &mut headers);
+    Ok(NextHop {
+        status,
+        headers,
+        tunnel: status.is_success().then_some(NextHopTunnel::H3 {
+            stream: Box::new(up),
+            lease,
+        }),
+        addr,
+    })
+}
+
+async fn open_tcp(
+    pool: &crate::upstream_tcp::TcpPool,
+    addr: std::net::SocketAddr,
+    authority: &str,
+    path: &str,
+    headers: &http::HeaderMap,
+) -> Result<NextHop, Rejection> {
+    use crate::decide::reject;
+    use crate::upstream_tcp::SendError;
+    // Connecting is bounded by connect_timeout inside; the answer by RESPONSE_TIMEOUT.
+    let answer = pool.open(addr, authority, path, headers);
+    let answer = match tokio::time::timeout(pool.connect_timeout() + RESPONSE_TIMEOUT, answer).await
+    {
+        Ok(Ok(a)) => a,
+        Ok(Err(SendError::Connect(e))) => return Err(connect_rejection(addr, e)),
+        Ok(Err(SendError::Request(e))) => {
+            return Err(reject(
+                502,
+                Some("http_response_incomplete"),
+                format!("next hop {addr}: {e}"),
             ))
         }
+        Err(_) => return Err(no_response(addr)),
+    };
+    let mut headers = http::HeaderMap::new();
+    copy_headers(&answer.headers, &mut headers);
+    let (status, tunnel) = match answer.io {
+        // An HTTP/1.1 next hop's 101 Switching Protocols is a 2xx for the client's hop.
+        Some((recv, send)) => {
+            let status = if answer.status == http::StatusCode::SWITCHING_PROTOCOLS {
+                http::StatusCode::OK
+            } else {
+                answer.status
+            };
+            (status, Some(NextHopTunnel::Tcp { recv, send }))
+        }
+        //= https://www.rfc-editor.org/rfc/rfc9298#section-3.3
+        //# ... the UDP proxy ... responds with a 101 (Switching Protocols) status code
+        // Anything else 2xx from an HTTP/1.1 next hop is no tunnel (Envoy 1.40 answers 200
+        // and streams a chunked body): a protocol error, not a success to pass on.
+        None if answer.status.is_success() => {
+            return Err(reject(
+                502,
+                Some("http_protocol_error"),
+                format!(
+                "next hop {addr} answered {} to an HTTP/1.1 Upgrade: connect-udp (expected 101)",
+                answer.status.as_u16()
+            ),
+            ))
+        }
+        None => (answer.status, None),
+    };
+    Ok(NextHop {
+        status,
+        headers,
+        tunnel,
+        addr,
+    })
+}
+
+/// Forward one CONNECT-UDP request from an HTTP/3 client to a host of `cluster`. On a
+/// refusal before anything was sent to the client, the stream comes back with the
+/// rejection to send.
+pub async fn forward_h3(
+    down: Downstream,
+    req: &http::Request<()>,
+    cluster: &str,
+    authority: Option<&str>,
+    ctx: &crate::h3server::ListenerCtx,
+    shutdown: crate::shutdown::Waiter,
+) -> Result<(), (H3Stream, Rejection)> {
+    let Downstream {
+        mut stream,
+        conn,
+        registry,
+        peer,
+    } = down;
+    let Opened {
+        next,
+        stats: tunnel_stats,
+    } = match open_next_hop(req, cluster, authority, ctx).await {
+        Ok(o) => o,
+        Err(r) => return Err((stream, r)),
     };
 
     // The next hop's status and headers reach the client.
-    let status = resp.status();
+    let status = next.status;
     let mut down_resp = http::Response::new(());
     *down_resp.status_mut() = status;
-    copy_headers(resp.headers(), down_resp.headers_mut());
+    *down_resp.headers_mut() = next.headers;
     // Counted before the response leaves: whoever has seen it sees the counters too.
     ctx.stats.response(status.as_u16());
     let stats = &ctx.stats.connect_udp;
     crate::accesslog::note(|r| r.responded(status.as_u16(), down_resp.headers()));
-    if !status.is_success() {
+    let Some(tunnel) = next.tunnel else {
         stats.rejected(status.as_u16());
         if stream.send_response(down_resp).await.is_ok() {
             let _ = stream.finish().await;
         }
         return Ok(());
-    }
+    };
     stats.tunnels_total.inc();
     ctx.stats.downstream_cx_upgrades_total.inc();
     let _tunnel_active = crate::stats::GaugeGuard::new(&stats.tunnels_active);
@@ -498,22 +728,19 @@ pub async fn forward_h3(
 
     let down_stream_id = stream.send_id().into_inner();
     let (down_send, down_recv) = stream.split();
+    let addr = next.addr;
     tracing::debug!(down_stream_id, %addr, "forwarded tunnel open");
-    let end = relay(
-        Hops {
-            down_send,
-            down_recv,
-            down_conn: conn,
-            down_registry: registry,
-            down_stream_id,
-            down_peer: peer,
-            up,
-            lease,
-        },
-        &tunnel_stats,
-        shutdown,
-    )
-    .await;
+    let down = Side {
+        recv: down_recv,
+        send: down_send,
+        quic: Some(QuicSide {
+            conn,
+            registry,
+            stream_id: down_stream_id,
+            peer,
+        }),
+    };
+    let end = relay_next_hop(down, tunnel, &tunnel_stats, shutdown).await;
     crate::accesslog::note(|r| r.tunnel_ended(end));
     tracing::debug!(down_stream_id, ?end, "forwarded tunnel closed");
     Ok(())

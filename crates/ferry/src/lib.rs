@@ -26,6 +26,7 @@ pub mod tcpserver;
 pub mod tls;
 pub mod tunnel;
 pub mod upstream;
+pub mod upstream_tcp;
 
 /// Ferry's version string.
 pub fn version() -> &'static str {

@@ -346,12 +346,50 @@ async fn respond(
     };
     let cluster = match plan {
         Ok(Plan::Terminate { cluster, .. }) => cluster,
-        Ok(Plan::Forward { .. }) => {
-            return refuse(decide::reject(
-                501,
-                Some("proxy_configuration_error"),
-                "forwarding CONNECT-UDP from HTTP/2 or HTTP/1.1 is not implemented yet",
-            ))
+        Ok(Plan::Forward { cluster, authority }) => {
+            let mut head = http::Request::new(());
+            *head.method_mut() = req.method().clone();
+            *head.uri_mut() = req.uri().clone();
+            *head.headers_mut() = req.headers().clone();
+            let opened = crate::forward::open_next_hop(&head, &cluster, authority.as_deref(), ctx);
+            let crate::forward::Opened { next, stats } = match Box::pin(opened).await {
+                Ok(o) => o,
+                Err(r) => return refuse(r),
+            };
+            let Some(tunnel) = next.tunnel else {
+                // The next hop's refusal, as it gave it.
+                let status = next.status.as_u16();
+                ctx.stats.connect_udp.rejected(status);
+                let mut resp = Response::new(Full::new(Bytes::new()));
+                *resp.status_mut() = next.status;
+                *resp.headers_mut() = next.headers;
+                if let Some(v) = alt_svc {
+                    resp.headers_mut().insert(http::header::ALT_SVC, v);
+                }
+                ctx.stats.response(status);
+                accesslog::note(|r| r.responded(status, resp.headers()));
+                return (resp, None);
+            };
+            let resp = accepted(h1, next.status, next.headers, alt_svc);
+            let addr = next.addr;
+            let (task_ctx, on_upgrade) =
+                (TunnelStart::new(ctx, &resp), hyper::upgrade::on(&mut req));
+            let task: TunnelTask = Box::pin(async move {
+                let _active = task_ctx;
+                let Some((recv, send)) = upgraded(on_upgrade).await else {
+                    return;
+                };
+                tracing::debug!(%addr, h1, "forwarded tunnel open");
+                let down = crate::forward::Side {
+                    recv,
+                    send,
+                    quic: None,
+                };
+                let end = crate::forward::relay_next_hop(down, tunnel, &stats, shutdown).await;
+                tracing::debug!(%addr, ?end, "forwarded tunnel closed");
+                accesslog::note(|r| r.tunnel_ended(end));
+            });
+            return (resp, Some(task));
         }
         Err(r) => return refuse(r),
     };
@@ -367,12 +405,41 @@ async fn respond(
         Err(r) => return refuse(r),
     };
 
+    let resp = accepted(h1, StatusCode::OK, http::HeaderMap::new(), alt_svc);
+    let task_ctx = TunnelStart::new(ctx, &resp);
+    let stats = ctx.stats.connect_udp.clone();
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let idle = hcm.stream_idle_timeout;
+    let task: TunnelTask = Box::pin(async move {
+        let _active = (task_ctx, upstream);
+        let Some((mut recv, mut send)) = upgraded(on_upgrade).await else {
+            return;
+        };
+        tracing::debug!(%addr, h1, "tunnel open");
+        let end = tunnel::relay(&mut recv, &mut send, None, &shared, None, idle, shutdown).await;
+        tracing::debug!(%addr, ?end, "tunnel closed");
+        accesslog::note(|r| r.tunnel_ended(end));
+        tunnel::close(&mut send, end, &stats).await;
+    });
+    (resp, Some(task))
+}
+
+/// The response accepting a tunnel, from a 2xx `status` and end-to-end `headers`.
+fn accepted(
+    h1: bool,
+    status: StatusCode,
+    headers: http::HeaderMap,
+    alt_svc: Option<HeaderValue>,
+) -> Resp {
     //= https://www.rfc-editor.org/rfc/rfc9298#section-3.3
     //# Upon receiving a UDP proxying request that it can fulfil, the UDP proxy ... responds
     //# with a 101 (Switching Protocols) status code, with the "Upgrade" header field set to
     //# "connect-udp" (HTTP/1.1); a 2xx status code (HTTP/2, section 3.5).
     let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
     let headers = resp.headers_mut();
+    // Datagrams travel as capsules on this hop, whatever the next hop said.
     headers.insert("capsule-protocol", HeaderValue::from_static("?1"));
     if let Some(v) = alt_svc {
         headers.insert(http::header::ALT_SVC, v);
@@ -389,35 +456,47 @@ async fn respond(
             HeaderValue::from_static("connect-udp"),
         );
     }
+    resp
+}
 
-    // Counted before the response leaves: whoever has seen it sees the counters too.
-    let status = resp.status().as_u16();
-    let stats = ctx.stats.connect_udp.clone();
-    ctx.stats.response(status);
-    stats.tunnels_total.inc();
-    ctx.stats.downstream_cx_upgrades_total.inc();
-    accesslog::note(|r| r.responded(status, resp.headers()));
-    let tunnel_active = GaugeGuard::new(&stats.tunnels_active);
-    let upgrade_active = GaugeGuard::new(&ctx.stats.downstream_cx_upgrades_active);
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    let idle = hcm.stream_idle_timeout;
-    let task: TunnelTask = Box::pin(async move {
-        let _active = (tunnel_active, upgrade_active, upstream);
-        let upgraded = match on_upgrade.await {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::debug!("upgrade failed: {e}");
-                accesslog::note(|r| r.tunnel_ended(tunnel::End::ClientGone));
-                return;
-            }
-        };
-        tracing::debug!(%addr, h1, "tunnel open");
-        let (rd, wr) = tokio::io::split(TokioIo::new(upgraded));
-        let (mut recv, mut send) = (IoRecv::new(rd), IoSend(wr));
-        let end = tunnel::relay(&mut recv, &mut send, None, &shared, None, idle, shutdown).await;
-        tracing::debug!(%addr, ?end, "tunnel closed");
-        accesslog::note(|r| r.tunnel_ended(end));
-        tunnel::close(&mut send, end, &stats).await;
-    });
-    (resp, Some(task))
+/// A tunnel about to start: counted before its response leaves (whoever has seen the
+/// response sees the counters too); the gauges fall when the tunnel's task ends.
+struct TunnelStart {
+    _tunnel_active: GaugeGuard,
+    _upgrade_active: GaugeGuard,
+}
+
+impl TunnelStart {
+    fn new(ctx: &ListenerCtx, resp: &Resp) -> Self {
+        let status = resp.status().as_u16();
+        let stats = &ctx.stats.connect_udp;
+        ctx.stats.response(status);
+        stats.tunnels_total.inc();
+        ctx.stats.downstream_cx_upgrades_total.inc();
+        accesslog::note(|r| r.responded(status, resp.headers()));
+        TunnelStart {
+            _tunnel_active: GaugeGuard::new(&stats.tunnels_active),
+            _upgrade_active: GaugeGuard::new(&ctx.stats.downstream_cx_upgrades_active),
+        }
+    }
+}
+
+type UpgradedHalves = (
+    IoRecv<tokio::io::ReadHalf<TokioIo<hyper::upgrade::Upgraded>>>,
+    IoSend<tokio::io::WriteHalf<TokioIo<hyper::upgrade::Upgraded>>>,
+);
+
+/// The client's upgraded stream, once hyper hands it over.
+async fn upgraded(on_upgrade: hyper::upgrade::OnUpgrade) -> Option<UpgradedHalves> {
+    match on_upgrade.await {
+        Ok(u) => {
+            let (rd, wr) = tokio::io::split(TokioIo::new(u));
+            Some((IoRecv::new(rd), IoSend(wr)))
+        }
+        Err(e) => {
+            tracing::debug!("upgrade failed: {e}");
+            accesslog::note(|r| r.tunnel_ended(tunnel::End::ClientGone));
+            None
+        }
+    }
 }

@@ -161,9 +161,9 @@ impl UpstreamPool {
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<Arc<UpstreamConn>, UpstreamError> {
-        let UpstreamProtocol::Http3 {
-            allow_extended_connect: _,
-        } = self.config.protocol;
+        if !matches!(self.config.protocol, UpstreamProtocol::Http3 { .. }) {
+            return Err(UpstreamError::Local("not an HTTP/3 cluster".into()));
+        }
         let endpoint = self.endpoint().await?;
         // Envoy sends no SNI without `sni`; a QUIC handshake needs a name, so Ferry then
         // uses the host's address (checked against the certificate's IP SANs).

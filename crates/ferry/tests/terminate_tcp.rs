@@ -5,105 +5,14 @@ mod support;
 
 use std::net::SocketAddr;
 
-use support::tcp::{open, Version};
+use support::tcp::{multi_bootstrap, open, static_cluster, Version, TERMINATE_ROUTES};
 use support::*;
 
-/// The reference terminate-tcp-h2-h1 bootstrap (TLS, ALPN h2 + http/1.1, codec AUTO,
-/// allow_connect), plus an HTTP/3 listener on the same address for Alt-Svc.
+/// The reference terminate-tcp-h2-h1 bootstrap (TLS, ALPN h2 + http/1.1, `codec`,
+/// allow_connect), plus an HTTP/3 listener for Alt-Svc and a cleartext one.
 fn tcp_bootstrap(cert: &TestCert, target: SocketAddr, codec: &str) -> String {
-    let certs = format!(
-        "              - certificate_chain:\n                  inline_string: |\n{}                private_key:\n                  inline_string: |\n{}",
-        indent(&cert.cert_pem, 20),
-        indent(&cert.key_pem, 20)
-    );
-    let hcm = |prefix: &str| {
-        format!(
-            r#"      filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          codec_type: {codec}
-          stat_prefix: {prefix}
-          route_config:
-            name: local_route
-            virtual_hosts:
-            - name: local_service
-              domains: ["foo.lyft.com:80"]
-              routes:
-              - match: {{ connect_matcher: {{}} }}
-                route:
-                  cluster: target
-                  upgrade_configs:
-                  - upgrade_type: CONNECT-UDP
-                    connect_config: {{}}
-          upgrade_configs:
-          - upgrade_type: CONNECT-UDP
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-          http2_protocol_options:
-            allow_connect: true
-          http3_protocol_options:
-            allow_extended_connect: true
-"#,
-            codec = if prefix == "ingress_h3" {
-                "HTTP3"
-            } else {
-                codec
-            },
-        )
-    };
-    format!(
-        r#"admin:
-  address:
-    socket_address: {{ address: 127.0.0.1, port_value: 0 }}
-static_resources:
-  listeners:
-  - name: tcp_listener
-    address:
-      socket_address: {{ address: 127.0.0.1, port_value: 0 }}
-    filter_chains:
-    - transport_socket:
-        name: envoy.transport_sockets.tls
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
-          common_tls_context:
-            alpn_protocols: ["h2", "http/1.1"]
-            tls_certificates:
-{certs}{tcp_hcm}  - name: h3_listener
-    address:
-      socket_address: {{ protocol: UDP, address: 127.0.0.1, port_value: 0 }}
-    udp_listener_config:
-      quic_options: {{}}
-    filter_chains:
-    - transport_socket:
-        name: envoy.transport_sockets.quic
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.transport_sockets.quic.v3.QuicDownstreamTransport
-          downstream_tls_context:
-            common_tls_context:
-              tls_certificates:
-{certs_h3}{h3_hcm}  clusters:
-  - name: target
-    type: STATIC
-    load_assignment:
-      cluster_name: target
-      endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address:
-              socket_address: {{ address: {ip}, port_value: {port} }}
-"#,
-        certs = certs
-            .replace("\n              ", "\n            ")
-            .replacen("              -", "            -", 1),
-        certs_h3 = certs,
-        tcp_hcm = hcm("ingress_tcp"),
-        h3_hcm = hcm("ingress_h3"),
-        ip = target.ip(),
-        port = target.port(),
-    )
+    multi_bootstrap(cert, codec, TERMINATE_ROUTES, &static_cluster(target))
+        .replace(r#"domains: ["*"]"#, r#"domains: ["foo.lyft.com:80"]"#)
 }
 
 async fn start(codec: &str) -> (Proxy, EchoTarget, SocketAddr) {

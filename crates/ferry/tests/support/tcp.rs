@@ -11,7 +11,7 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::DEADLINE;
+use super::{indent, TestCert, DEADLINE};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Version {
@@ -177,4 +177,133 @@ impl TcpTunnel {
         .await
         .expect("nothing arrived within the deadline")
     }
+}
+
+/// The route list (YAML, at route level) that terminates every CONNECT-UDP request.
+pub const TERMINATE_ROUTES: &str = r#"              - match: { connect_matcher: {} }
+                route:
+                  cluster: target
+                  upgrade_configs:
+                  - upgrade_type: CONNECT-UDP
+                    connect_config: {}
+"#;
+
+/// The route list that forwards every CONNECT-UDP request to the `target` cluster.
+pub const FORWARD_ROUTES: &str = r#"              - match: { connect_matcher: {} }
+                route:
+                  cluster: target
+                  upgrade_configs:
+                  - upgrade_type: CONNECT-UDP
+"#;
+
+/// A STATIC cluster `target` at `addr` (the UDP target when terminating).
+pub fn static_cluster(addr: SocketAddr) -> String {
+    format!(
+        r#"  - name: target
+    type: STATIC
+    load_assignment:
+      cluster_name: target
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{ address: {ip}, port_value: {port} }}
+"#,
+        ip = addr.ip(),
+        port = addr.port()
+    )
+}
+
+/// A bootstrap with three listeners on port 0 sharing `routes`: `tcp_listener` (TLS, ALPN
+/// h2 + http/1.1, `codec`), `h3_listener` (QUIC) and `plain_listener` (cleartext TCP,
+/// AUTO: HTTP/1.1 or HTTP/2 with prior knowledge); `clusters` is the cluster list.
+pub fn multi_bootstrap(cert: &TestCert, codec: &str, routes: &str, clusters: &str) -> String {
+    let certs = |n: usize| {
+        let pad = " ".repeat(n);
+        format!(
+            "{pad}- certificate_chain:\n{pad}    inline_string: |\n{}{pad}  private_key:\n{pad}    inline_string: |\n{}",
+            indent(&cert.cert_pem, n + 6),
+            indent(&cert.key_pem, n + 6)
+        )
+    };
+    let hcm = |prefix: &str, codec: &str| {
+        format!(
+            r#"      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          codec_type: {codec}
+          stat_prefix: {prefix}
+          route_config:
+            name: local_route
+            virtual_hosts:
+            - name: local_service
+              domains: ["*"]
+              routes:
+{routes}          upgrade_configs:
+          - upgrade_type: CONNECT-UDP
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+          http2_protocol_options:
+            allow_connect: true
+          http3_protocol_options:
+            allow_extended_connect: true
+"#
+        )
+    };
+    format!(
+        r#"admin:
+  address:
+    socket_address: {{ address: 127.0.0.1, port_value: 0 }}
+static_resources:
+  listeners:
+  - name: tcp_listener
+    address:
+      socket_address: {{ address: 127.0.0.1, port_value: 0 }}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          common_tls_context:
+            alpn_protocols: ["h2", "http/1.1"]
+            tls_certificates:
+{tcp_certs}{tcp_hcm}  - name: h3_listener
+    address:
+      socket_address: {{ protocol: UDP, address: 127.0.0.1, port_value: 0 }}
+    udp_listener_config:
+      quic_options: {{}}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.quic
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.quic.v3.QuicDownstreamTransport
+          downstream_tls_context:
+            common_tls_context:
+              tls_certificates:
+{h3_certs}{h3_hcm}  - name: plain_listener
+    address:
+      socket_address: {{ address: 127.0.0.1, port_value: 0 }}
+    filter_chains:
+    - {plain_hcm}  clusters:
+{clusters}"#,
+        tcp_certs = certs(12),
+        h3_certs = certs(14),
+        tcp_hcm = hcm("ingress_tcp", codec),
+        h3_hcm = hcm("ingress_h3", "HTTP3"),
+        plain_hcm = hcm("ingress_plain", "AUTO").trim_start(),
+    )
+}
+
+/// The local address of the listener called `name`.
+pub fn listener_addr(proxy: &super::Proxy, name: &str) -> SocketAddr {
+    proxy
+        .state
+        .listeners
+        .iter()
+        .find(|l| l.name == name)
+        .unwrap_or_else(|| panic!("no listener {name}"))
+        .local_addr
 }
