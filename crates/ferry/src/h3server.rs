@@ -88,7 +88,7 @@ impl H3Listener {
                         let ctx = self.ctx.clone();
                         let open = ctx.connections.open();
                         conns.spawn(async move {
-                            handle_connection(incoming, ctx).await;
+                            crate::supervise::guard("h3 connection", handle_connection(incoming, ctx)).await;
                             drop(open);
                         });
                     }
@@ -160,7 +160,7 @@ async fn handle_connection(incoming: quinn::Incoming, ctx: Arc<ListenerCtx>) {
                     let registry = registry.clone();
                     let shutdown = shutdown.clone();
                     let peer = peer.clone();
-                    requests.spawn(async move {
+                    requests.spawn(crate::supervise::guard("h3 request", async move {
                         match resolver.resolve_request().await {
                             Ok((req, stream)) => {
                                 let rq = ctx.stats.request();
@@ -174,7 +174,7 @@ async fn handle_connection(incoming: quinn::Incoming, ctx: Arc<ListenerCtx>) {
                             }
                             Err(e) => tracing::debug!("bad request: {e}"),
                         }
-                    });
+                    }));
                 }
                 Ok(None) => break,
                 Err(e) => {

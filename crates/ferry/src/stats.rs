@@ -358,6 +358,12 @@ impl Store {
         }
     }
 
+    /// Publish an existing counter (a process-wide one) under `name`.
+    pub fn adopt_counter(&self, name: &str, counter: &Counter) {
+        let mut m = self.metrics.lock().unwrap_or_else(PoisonError::into_inner);
+        m.insert(name.to_owned(), Metric::Counter(counter.clone()));
+    }
+
     /// The gauge called `name`, created at zero the first time.
     pub fn gauge(&self, name: &str) -> Gauge {
         let pick = |m: &Metric| match m {
@@ -1070,6 +1076,9 @@ pub struct ServerStats {
     pub total_listeners_draining: Gauge,
     /// Listeners drained by `/drain_listeners` or a signal.
     pub listener_stopped: Counter,
+    /// `server.ferry.task_panics`: panics caught in connection, request and tunnel tasks
+    /// (process-wide; see [`crate::supervise`]).
+    pub task_panics: Counter,
 }
 
 impl ServerStats {
@@ -1082,6 +1091,11 @@ impl ServerStats {
             total_listeners_active: store.gauge("listener_manager.total_listeners_active"),
             total_listeners_draining: store.gauge("listener_manager.total_listeners_draining"),
             listener_stopped: store.counter("listener_manager.listener_stopped"),
+            task_panics: {
+                let c = crate::supervise::panic_counter();
+                store.adopt_counter(crate::supervise::TASK_PANICS_STAT, c);
+                c.clone()
+            },
         }
     }
 }
