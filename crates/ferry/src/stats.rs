@@ -601,6 +601,9 @@ pub struct HttpStats {
     rq_by_class: [Counter; 5],
     pub downstream_cx_upgrades_total: Counter,
     pub downstream_cx_upgrades_active: Gauge,
+    /// Requests refused with 431 because their header section was over the limit (HTTP/3:
+    /// [`crate::h3server::MAX_REQUEST_HEADERS_BYTES`]).
+    pub downstream_rq_headers_too_large: Counter,
     pub connect_udp: ConnectUdpStats,
     /// `listener.<address>.*`, when these stats belong to a bound listener.
     pub listener: Option<ListenerStats>,
@@ -795,6 +798,7 @@ impl HttpStats {
             rq_by_class: [rq("1xx"), rq("2xx"), rq("3xx"), rq("4xx"), rq("5xx")],
             downstream_cx_upgrades_total: c("downstream_cx_upgrades_total"),
             downstream_cx_upgrades_active: g("downstream_cx_upgrades_active"),
+            downstream_rq_headers_too_large: c("downstream_rq_headers_too_large"),
             connect_udp: ConnectUdpStats::new(store, &cu),
             listener,
             clusters,
