@@ -10,6 +10,23 @@ log() { printf '\n=== %s\n' "$*"; }
 log "Python venv (pinned: tests/interop/requirements.txt)"
 bash scripts/setup-venv.sh
 
+# tests/interop/test_faults.py puts netem on a network namespace's loopback: it needs `ip`
+# and `tc` (Debian's iproute2), root, and a kernel with sch_netem. Where any is missing that
+# test is reported SKIPPED with the reason (the userspace-impairer fault tests still run).
+log "iproute2 (ip, tc) for the network-namespace fault test"
+PATH="$PATH:/usr/sbin:/sbin"
+if command -v ip >/dev/null && command -v tc >/dev/null; then
+  echo "ip and tc present"
+elif command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2; } ||
+    echo "could not install iproute2: the netns fault test will be SKIPPED"
+elif command -v apt-get >/dev/null && command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+  { sudo -n apt-get update -qq && sudo -n DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2; } ||
+    echo "could not install iproute2: the netns fault test will be SKIPPED"
+else
+  echo "no ip/tc and no way to install iproute2: the netns fault test will be SKIPPED"
+fi
+
 if [ -z "${FERRY_SKIP_LINT:-}" ]; then
   log "cargo fmt --check"
   cargo fmt --all -- --check

@@ -51,7 +51,7 @@ impl AdminServer {
             };
             let Ok((tcp, _)) = accepted else { continue };
             let state = state.clone();
-            tokio::spawn(async move {
+            crate::supervise::spawn("admin connection", async move {
                 let svc = hyper::service::service_fn(move |req| {
                     let state = state.clone();
                     async move { Ok::<_, Infallible>(handle(&state, req)) }

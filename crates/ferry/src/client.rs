@@ -59,7 +59,7 @@ impl H3Client {
             .build::<_, _, Bytes>(h3_quinn::Connection::new(conn.clone()))
             .await
             .map_err(|e| format!("HTTP/3 setup: {e}"))?;
-        tokio::spawn(async move {
+        crate::supervise::spawn("client connection", async move {
             let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
         });
         let stats = HttpStats::new(&Store::new(), "client");

@@ -251,7 +251,7 @@ impl ClusterManager {
             }
             let state = state.clone();
             let mut stop = shutdown.subscribe();
-            tokio::spawn(async move {
+            crate::supervise::spawn("dns refresh", async move {
                 loop {
                     state.resolve_once().await;
                     tokio::select! {

@@ -75,7 +75,7 @@ impl Drop for RegistrationGuard {
 /// Start the reader for `conn`. It ends when the connection closes.
 pub fn spawn(conn: quinn::Connection, stats: ConnectUdpStats) -> Registry {
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(run(conn, rx, stats));
+    crate::supervise::spawn("datagram reader", run(conn, rx, stats));
     Registry(tx)
 }
 

@@ -59,7 +59,7 @@ pub async fn run(socket: UdpSocket, config: EncapConfig) -> Result<(), String> {
                 let data = Bytes::copy_from_slice(buf.get(..n).unwrap_or_default());
                 let tx = sessions.entry(peer).or_insert_with(|| {
                     let (tx, rx) = mpsc::channel(SESSION_QUEUE);
-                    tokio::spawn(session(
+                    crate::supervise::spawn("client session", session(
                         peer,
                         rx,
                         socket.clone(),

@@ -88,7 +88,7 @@ impl H3Listener {
                         let ctx = self.ctx.clone();
                         let open = ctx.connections.open();
                         conns.spawn(async move {
-                            handle_connection(incoming, ctx).await;
+                            crate::supervise::guard("h3 connection", handle_connection(incoming, ctx)).await;
                             drop(open);
                         });
                     }
@@ -111,6 +111,12 @@ impl H3Listener {
     }
 }
 
+/// The largest request header section Ferry accepts on HTTP/3 (QPACK-decoded size, as RFC
+/// 9114 section 4.2.2 counts it; advertised as SETTINGS_MAX_FIELD_SECTION_SIZE): Envoy's
+/// default `max_request_headers_kb`, 60 KiB. A larger one gets 431 and is counted
+/// (`downstream_rq_headers_too_large`); the connection goes on.
+pub const MAX_REQUEST_HEADERS_BYTES: u64 = 60 * 1024;
+
 async fn handle_connection(incoming: quinn::Incoming, ctx: Arc<ListenerCtx>) {
     let conn = match incoming.await {
         Ok(c) => c,
@@ -131,6 +137,7 @@ async fn handle_connection(incoming: quinn::Incoming, ctx: Arc<ListenerCtx>) {
         //# Endpoints indicate that HTTP Datagrams are supported by sending the
         //# SETTINGS_H3_DATAGRAM setting with a value of 1.
         .enable_datagram(true)
+        .max_field_section_size(MAX_REQUEST_HEADERS_BYTES)
         .build::<_, Bytes>(h3_quinn::Connection::new(conn.clone()))
         .await;
     let mut h3_conn = match h3_conn {
@@ -160,7 +167,7 @@ async fn handle_connection(incoming: quinn::Incoming, ctx: Arc<ListenerCtx>) {
                     let registry = registry.clone();
                     let shutdown = shutdown.clone();
                     let peer = peer.clone();
-                    requests.spawn(async move {
+                    requests.spawn(crate::supervise::guard("h3 request", async move {
                         match resolver.resolve_request().await {
                             Ok((req, stream)) => {
                                 let rq = ctx.stats.request();
@@ -172,9 +179,16 @@ async fn handle_connection(incoming: quinn::Incoming, ctx: Arc<ListenerCtx>) {
                                 accesslog::finish(&ctx.stats, &ctx.access_logs, &record);
                                 drop(rq);
                             }
-                            Err(e) => tracing::debug!("bad request: {e}"),
+                            Err(e) => {
+                                if let h3::error::StreamError::HeaderTooBig { .. } = e {
+                                    // h3 has answered 431 already.
+                                    ctx.stats.downstream_rq_headers_too_large.inc();
+                                    ctx.stats.response(431);
+                                }
+                                tracing::debug!("bad request: {e}");
+                            }
                         }
-                    });
+                    }));
                 }
                 Ok(None) => break,
                 Err(e) => {

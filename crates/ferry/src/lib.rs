@@ -22,6 +22,7 @@ pub mod shutdown;
 pub mod stats;
 pub mod stats_render;
 pub mod stream;
+pub mod supervise;
 pub mod tcpserver;
 pub mod tls;
 pub mod tunnel;

@@ -35,6 +35,24 @@ pub fn transport_config() -> quinn::TransportConfig {
     t
 }
 
+/// Keep-alive interval on connections Ferry opens (to next hops, and `ferry client`'s).
+pub const CLIENT_KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// Idle timeout Ferry asks for on connections it opens: with [`CLIENT_KEEP_ALIVE`], a live
+/// peer keeps the connection open, and a peer that vanished (killed, unplugged: no
+/// CONNECTION_CLOSE) is noticed within this time, so its pooled connection is dropped and
+/// the tunnels on it end instead of waiting out the 300 s idle timeout.
+pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// [`transport_config`] for connections Ferry opens: keep-alive and a short idle timeout.
+pub fn client_transport_config() -> quinn::TransportConfig {
+    let mut t = transport_config();
+    if let Ok(idle) = quinn::IdleTimeout::try_from(CLIENT_IDLE_TIMEOUT) {
+        t.max_idle_timeout(Some(idle));
+    }
+    t.keep_alive_interval(Some(CLIENT_KEEP_ALIVE));
+    t
+}
+
 pub fn server_endpoint(
     addr: SocketAddr,
     tls: rustls::ServerConfig,
@@ -60,7 +78,7 @@ pub fn client_endpoint(
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| format!("TLS config unusable for QUIC: {e}"))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-    client.transport_config(Arc::new(transport_config()));
+    client.transport_config(Arc::new(client_transport_config()));
     let socket = bind_socket(bind).map_err(|e| format!("cannot bind {bind}: {e}"))?;
     let mut endpoint = quinn::Endpoint::new(
         quinn::EndpointConfig::default(),

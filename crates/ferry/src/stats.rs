@@ -358,6 +358,12 @@ impl Store {
         }
     }
 
+    /// Publish an existing counter (a process-wide one) under `name`.
+    pub fn adopt_counter(&self, name: &str, counter: &Counter) {
+        let mut m = self.metrics.lock().unwrap_or_else(PoisonError::into_inner);
+        m.insert(name.to_owned(), Metric::Counter(counter.clone()));
+    }
+
     /// The gauge called `name`, created at zero the first time.
     pub fn gauge(&self, name: &str) -> Gauge {
         let pick = |m: &Metric| match m {
@@ -595,6 +601,9 @@ pub struct HttpStats {
     rq_by_class: [Counter; 5],
     pub downstream_cx_upgrades_total: Counter,
     pub downstream_cx_upgrades_active: Gauge,
+    /// Requests refused with 431 because their header section was over the limit (HTTP/3:
+    /// [`crate::h3server::MAX_REQUEST_HEADERS_BYTES`]).
+    pub downstream_rq_headers_too_large: Counter,
     pub connect_udp: ConnectUdpStats,
     /// `listener.<address>.*`, when these stats belong to a bound listener.
     pub listener: Option<ListenerStats>,
@@ -789,6 +798,7 @@ impl HttpStats {
             rq_by_class: [rq("1xx"), rq("2xx"), rq("3xx"), rq("4xx"), rq("5xx")],
             downstream_cx_upgrades_total: c("downstream_cx_upgrades_total"),
             downstream_cx_upgrades_active: g("downstream_cx_upgrades_active"),
+            downstream_rq_headers_too_large: c("downstream_rq_headers_too_large"),
             connect_udp: ConnectUdpStats::new(store, &cu),
             listener,
             clusters,
@@ -1070,6 +1080,9 @@ pub struct ServerStats {
     pub total_listeners_draining: Gauge,
     /// Listeners drained by `/drain_listeners` or a signal.
     pub listener_stopped: Counter,
+    /// `server.ferry.task_panics`: panics caught in connection, request and tunnel tasks
+    /// (process-wide; see [`crate::supervise`]).
+    pub task_panics: Counter,
 }
 
 impl ServerStats {
@@ -1082,6 +1095,11 @@ impl ServerStats {
             total_listeners_active: store.gauge("listener_manager.total_listeners_active"),
             total_listeners_draining: store.gauge("listener_manager.total_listeners_draining"),
             listener_stopped: store.counter("listener_manager.listener_stopped"),
+            task_panics: {
+                let c = crate::supervise::panic_counter();
+                store.adopt_counter(crate::supervise::TASK_PANICS_STAT, c);
+                c.clone()
+            },
         }
     }
 }

@@ -104,7 +104,7 @@ impl TcpListener {
                     let open = ctx.connections.open();
                     let shutdown = ctx.shutdown.subscribe();
                     conns.spawn(async move {
-                        handle_connection(tcp, peer, ctx, tls, codec, alt_svc, shutdown).await;
+                        crate::supervise::guard("tcp connection", handle_connection(tcp, peer, ctx, tls, codec, alt_svc, shutdown)).await;
                         drop(open);
                     });
                 }
@@ -276,7 +276,7 @@ async fn handle_request(
         Some(task) => {
             let ctx = ctx.clone();
             let open = ctx.connections.open();
-            tokio::spawn(async move {
+            crate::supervise::spawn("tcp tunnel", async move {
                 let _open = open;
                 accesslog::scope(record.clone(), task).await;
                 accesslog::finish(&ctx.stats, &ctx.access_logs, &record);

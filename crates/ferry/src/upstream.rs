@@ -38,6 +38,9 @@ pub struct ClusterStats {
     pub upstream_cx_connect_fail: Counter,
     pub upstream_cx_connect_timeout: Counter,
     pub upstream_rq_total: Counter,
+    /// Connections that ended (closed by either side, or timed out: a next hop that
+    /// vanished is noticed within [`crate::quic::CLIENT_IDLE_TIMEOUT`]).
+    pub upstream_cx_destroy: Counter,
 }
 
 impl ClusterStats {
@@ -49,6 +52,7 @@ impl ClusterStats {
             upstream_cx_connect_fail: c("upstream_cx_connect_fail"),
             upstream_cx_connect_timeout: c("upstream_cx_connect_timeout"),
             upstream_rq_total: c("upstream_rq_total"),
+            upstream_cx_destroy: c("upstream_cx_destroy"),
         }
     }
 }
@@ -196,9 +200,11 @@ impl UpstreamPool {
         self.stats.upstream_cx_total.inc();
         let active = crate::stats::GaugeGuard::new(&self.stats.upstream_cx_active);
         let cluster = self.cluster.clone();
-        tokio::spawn(async move {
+        let destroyed = self.stats.upstream_cx_destroy.clone();
+        crate::supervise::spawn("upstream connection", async move {
             let _active = active;
             let e = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+            destroyed.inc();
             tracing::debug!(%cluster, "upstream connection closed: {e}");
         });
         let registry = demux::spawn(conn.clone(), self.demux_stats.clone());
