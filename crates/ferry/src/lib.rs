@@ -25,6 +25,7 @@ pub mod stream;
 pub mod tcpserver;
 pub mod tls;
 pub mod tunnel;
+pub mod udpproxy;
 pub mod upstream;
 
 /// Ferry's version string.
