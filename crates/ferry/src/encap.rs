@@ -118,7 +118,7 @@ pub enum Upstream {
     Client {
         proxy: SocketAddr,
         options: ClientOptions,
-        conn: Mutex<Option<H3Client>>,
+        conn: Box<Mutex<Option<H3Client>>>,
     },
     /// The udp_proxy listener: a host of `cluster` (round robin), on the cluster's pooled
     /// HTTP/3 connections; `authority` is `proxy_host[:proxy_port]`.
@@ -363,7 +363,7 @@ pub async fn run(socket: UdpSocket, config: EncapConfig) -> Result<(), String> {
         upstream: Upstream::Client {
             proxy: config.proxy,
             options: config.client,
-            conn: Mutex::new(None),
+            conn: Box::new(Mutex::new(None)),
         },
         path: config.path,
         headers: Vec::new(),
