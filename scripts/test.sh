@@ -7,6 +7,16 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 log() { printf '\n=== %s\n' "$*"; }
 
+log "System packages the interop tests run (dnsmasq: a real DNS server behind a tunnel)"
+if ! command -v dnsmasq >/dev/null 2>&1 && [ ! -x /usr/sbin/dnsmasq ]; then
+  if command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq >/dev/null && apt-get install -y -qq dnsmasq-base >/dev/null
+  else
+    echo "dnsmasq is required (tests/interop/test_udp_proxy.py); install dnsmasq-base" >&2
+    exit 1
+  fi
+fi
+
 log "Python venv (pinned: tests/interop/requirements.txt)"
 bash scripts/setup-venv.sh
 

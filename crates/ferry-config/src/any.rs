@@ -15,8 +15,9 @@ use std::marker::PhantomData;
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 
 use crate::raw::{
-    DownstreamTlsContext, FileAccessLog, HttpConnectionManager, HttpProtocolOptions,
-    QuicDownstreamTransport, QuicUpstreamTransport, Router, StreamAccessLog, UpstreamTlsContext,
+    DownstreamTlsContext, FileAccessLog, HttpCapsuleFilterConfig, HttpConnectionManager,
+    HttpProtocolOptions, QuicDownstreamTransport, QuicUpstreamTransport, Router, StreamAccessLog,
+    UdpProxyConfig, UdpRoute, UpstreamTlsContext,
 };
 
 /// `@type` of the QUIC downstream transport socket.
@@ -46,6 +47,15 @@ pub const STDOUT_ACCESS_LOG: &str =
 /// `@type` of the stderr access logger.
 pub const STDERR_ACCESS_LOG: &str =
     "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StderrAccessLog";
+
+/// `@type` of the UDP proxy listener filter.
+pub const UDP_PROXY: &str =
+    "type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.UdpProxyConfig";
+/// `@type` of a UDP proxy route action (in its `matcher`).
+pub const UDP_PROXY_ROUTE: &str =
+    "type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.Route";
+/// `@type` of the HTTP capsule UDP session filter.
+pub const HTTP_CAPSULE_SESSION_FILTER: &str = "type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.session.http_capsule.v3.FilterConfig";
 
 /// Marks a message carrying a nested path (see [`crate::error`]): `MARK path MARK message`.
 pub(crate) const PATH_MARK: char = '\u{1}';
@@ -191,6 +201,68 @@ impl AnySlot for AccessLoggerConfig {
     }
 }
 
+/// `listener_filters[].typed_config` (UDP listener filters).
+#[derive(Debug)]
+pub(crate) enum ListenerFilterConfig {
+    UdpProxy(Box<UdpProxyConfig>),
+    Other(String),
+}
+
+impl AnySlot for ListenerFilterConfig {
+    const WHAT: &'static str = "a listener filter typed_config";
+    fn from_type<'de, D: Deserializer<'de>>(url: String, rest: D) -> Result<Self, D::Error> {
+        Ok(match url.as_str() {
+            UDP_PROXY => Self::UdpProxy(Box::new(UdpProxyConfig::deserialize(rest)?)),
+            _ => {
+                skip(rest)?;
+                Self::Other(url)
+            }
+        })
+    }
+}
+
+/// udp_proxy `matcher.on_no_match.action.typed_config`.
+#[derive(Debug)]
+pub(crate) enum MatchActionConfig {
+    Route(UdpRoute),
+    Other(String),
+}
+
+impl AnySlot for MatchActionConfig {
+    const WHAT: &'static str = "a match action typed_config";
+    fn from_type<'de, D: Deserializer<'de>>(url: String, rest: D) -> Result<Self, D::Error> {
+        Ok(match url.as_str() {
+            UDP_PROXY_ROUTE => Self::Route(UdpRoute::deserialize(rest)?),
+            _ => {
+                skip(rest)?;
+                Self::Other(url)
+            }
+        })
+    }
+}
+
+/// udp_proxy `session_filters[].typed_config`.
+#[derive(Debug)]
+pub(crate) enum SessionFilterConfig {
+    HttpCapsule(HttpCapsuleFilterConfig),
+    Other(String),
+}
+
+impl AnySlot for SessionFilterConfig {
+    const WHAT: &'static str = "a UDP session filter typed_config";
+    fn from_type<'de, D: Deserializer<'de>>(url: String, rest: D) -> Result<Self, D::Error> {
+        Ok(match url.as_str() {
+            HTTP_CAPSULE_SESSION_FILTER => {
+                Self::HttpCapsule(HttpCapsuleFilterConfig::deserialize(rest)?)
+            }
+            _ => {
+                skip(rest)?;
+                Self::Other(url)
+            }
+        })
+    }
+}
+
 macro_rules! deserialize_via_any_slot {
     ($($t:ty),*) => {$(
         impl<'de> Deserialize<'de> for $t {
@@ -206,7 +278,10 @@ deserialize_via_any_slot!(
     NetworkFilterConfig,
     HttpFilterConfig,
     UpstreamTransportConfig,
-    ProtocolOptionsConfig
+    ProtocolOptionsConfig,
+    ListenerFilterConfig,
+    MatchActionConfig,
+    SessionFilterConfig
 );
 
 struct AnyVisitor<T>(PhantomData<T>);

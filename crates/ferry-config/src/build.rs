@@ -22,6 +22,7 @@ use crate::raw::{
 };
 
 mod accesslog;
+mod udp_proxy;
 
 /// The message for a known Envoy field that Ferry does not implement.
 pub const NOT_SUPPORTED: &str = "Envoy field not supported by Ferry (yet)";
@@ -148,12 +149,20 @@ pub(crate) fn build(raw: &raw::Bootstrap) -> Result<model::Bootstrap, Vec<Config
         clusters.push(cluster);
     }
 
+    let known = KnownClusters {
+        defined,
+        http3: clusters
+            .iter()
+            .filter(|c: &&model::Cluster| c.upstream.is_some())
+            .map(|c| c.name.clone())
+            .collect(),
+    };
     let mut listeners = Vec::with_capacity(sr.listeners.len());
     let mut listener_names: HashMap<String, usize> = HashMap::new();
     let mut listener_addresses: HashMap<(SocketAddr, bool), usize> = HashMap::new();
     for (i, l) in sr.listeners.iter().enumerate() {
         let p = srp.f("listeners").i(i);
-        let listener = build_listener(&mut ctx, &p, l, &defined);
+        let listener = build_listener(&mut ctx, &p, l, &known);
         if l.name.as_deref().is_some_and(|n| !n.is_empty()) {
             if let Some(first) = listener_names.get(&listener.name) {
                 ctx.err(
@@ -287,11 +296,19 @@ fn build_admin(ctx: &mut Ctx, p: &P, admin: &raw::Admin) -> Option<model::Admin>
 // ---------------------------------------------------------------------------------------
 // Listeners
 
+/// The clusters listeners may refer to.
+struct KnownClusters<'a> {
+    /// Every cluster name (a cluster that failed validation still counts as defined).
+    defined: HashSet<&'a str>,
+    /// Clusters that are CONNECT-UDP proxies reached over HTTP/3 (HTTP protocol options).
+    http3: HashSet<String>,
+}
+
 fn build_listener(
     ctx: &mut Ctx,
     p: &P,
     l: &raw::Listener,
-    clusters: &HashSet<&str>,
+    clusters: &KnownClusters,
 ) -> model::Listener {
     ctx.unsupported(p, l.unsupported_fields());
     let (address, protocol) = match socket_address(ctx, &p.f("address"), l.address.as_ref()) {
@@ -324,12 +341,6 @@ fn build_listener(
         model::SocketProtocol::Tcp
     });
     let udp = protocol == model::SocketProtocol::Udp;
-    if udp && quic.is_none() {
-        ctx.err(
-            &up.f("quic_options"),
-            "is required on a UDP listener (quic_options: {} makes it an HTTP/3 listener); raw UDP listeners (udp_proxy) are not supported by Ferry (yet)",
-        );
-    }
     if !udp && quic.is_some() {
         ctx.err(
             &up.f("quic_options"),
@@ -337,7 +348,43 @@ fn build_listener(
         );
     }
 
+    let lfp = p.f("listener_filters");
+    let udp_proxy = if l.listener_filters.is_empty() {
+        None
+    } else if !udp || quic.is_some() {
+        ctx.err(
+            &lfp,
+            "listener filters are supported on raw UDP listeners only (the udp_proxy filter: protocol UDP, no quic_options) by Ferry (yet)",
+        );
+        None
+    } else {
+        udp_proxy::build_listener_filters(ctx, &lfp, &l.listener_filters, clusters)
+    };
+    if udp && quic.is_none() && l.listener_filters.is_empty() {
+        ctx.err(
+            &up.f("quic_options"),
+            "is required on a UDP listener with filter_chains (quic_options: {} makes it an HTTP/3 listener); a raw UDP listener takes the `envoy.filters.udp_listener.udp_proxy` listener filter instead",
+        );
+    }
+
     let fcp = p.f("filter_chains");
+    let raw_udp = udp && quic.is_none() && !l.listener_filters.is_empty();
+    if raw_udp {
+        if !l.filter_chains.is_empty() {
+            ctx.err(&fcp, "a raw UDP listener (udp_proxy) has no filter chains");
+        }
+        return model::Listener {
+            name,
+            address,
+            protocol,
+            quic,
+            filter_chain: model::FilterChain {
+                tls: None,
+                hcm: placeholder_hcm(),
+            },
+            udp_proxy,
+        };
+    }
     if l.filter_chains.is_empty() {
         ctx.err(&fcp, "exactly one filter chain is required (found none)");
     }
@@ -348,7 +395,7 @@ fn build_listener(
         );
     }
     let filter_chain = match l.filter_chains.first() {
-        Some(fc) => build_filter_chain(ctx, &fcp.i(0), fc, udp, clusters),
+        Some(fc) => build_filter_chain(ctx, &fcp.i(0), fc, udp, &clusters.defined),
         None => model::FilterChain {
             tls: None,
             hcm: placeholder_hcm(),
@@ -361,6 +408,7 @@ fn build_listener(
         protocol,
         quic,
         filter_chain,
+        udp_proxy,
     }
 }
 

@@ -34,7 +34,51 @@ pub struct Listener {
     /// Present when `udp_listener_config.quic_options` is set (an HTTP/3 listener).
     pub quic: Option<QuicOptions>,
     /// `filter_chains[]`; Ferry supports exactly one filter chain per listener for now.
+    /// Empty (no TLS, an HCM with no routes) on a udp_proxy listener, which has none.
     pub filter_chain: FilterChain,
+    /// `listener_filters[]` `envoy.filters.udp_listener.udp_proxy` with `tunneling_config`:
+    /// a raw UDP listener whose sessions are tunnelled with CONNECT-UDP.
+    pub udp_proxy: Option<UdpProxy>,
+}
+
+/// `envoy.filters.udp_listener.udp_proxy` (`UdpProxyConfig`) with `tunneling_config`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UdpProxy {
+    /// `stat_prefix`: stats are `udp.<stat_prefix>.*`.
+    pub stat_prefix: String,
+    /// `matcher.on_no_match.action` `Route.cluster` (or the deprecated `cluster`): the
+    /// CONNECT-UDP proxies the tunnels go to.
+    pub cluster: String,
+    /// `idle_timeout` (Envoy's default: 60 s); a session without datagrams either way ends.
+    pub idle_timeout: Duration,
+    pub tunneling: UdpTunneling,
+}
+
+/// `UdpProxyConfig.tunneling_config`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UdpTunneling {
+    /// `proxy_host`: the request's `:authority` host.
+    pub proxy_host: String,
+    /// `proxy_port`: appended to the `:authority` when set.
+    pub proxy_port: Option<u16>,
+    /// `target_host` and `default_target_port`: the path
+    /// `/.well-known/masque/udp/{target_host}/{default_target_port}/`.
+    pub target_host: String,
+    pub default_target_port: u16,
+    /// `retry_options.max_connect_attempts` (default 1).
+    pub max_connect_attempts: u32,
+    /// `headers_to_add[].header{key, value}`, added to each CONNECT-UDP request.
+    pub headers_to_add: Vec<(String, String)>,
+    /// `buffer_options`: None means no buffering: datagrams that arrive before the tunnel
+    /// is up are dropped (and counted), as in Envoy.
+    pub buffer: Option<BufferOptions>,
+}
+
+/// `tunneling_config.buffer_options` (Envoy's defaults: 1024 datagrams, 16384 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufferOptions {
+    pub max_buffered_datagrams: u32,
+    pub max_buffered_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -15,8 +15,9 @@ use std::fmt;
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 
 pub(crate) use crate::any::{
-    AccessLoggerConfig, DownstreamTransportConfig, HttpFilterConfig, NetworkFilterConfig,
-    ProtocolOptionsConfig, UpstreamTransportConfig,
+    AccessLoggerConfig, DownstreamTransportConfig, HttpFilterConfig, ListenerFilterConfig,
+    MatchActionConfig, NetworkFilterConfig, ProtocolOptionsConfig, SessionFilterConfig,
+    UpstreamTransportConfig,
 };
 
 /// Any value at all: the value of an Envoy field Ferry does not implement. Only its
@@ -233,11 +234,12 @@ envoy_message! {
         address: Option<Address>,
         udp_listener_config: Option<UdpListenerConfig>,
         filter_chains: Vec<FilterChain>,
+        listener_filters: Vec<ListenerFilter>,
     }
     unsupported [
         additional_addresses, stat_prefix, filter_chain_matcher, use_original_dst,
         default_filter_chain, per_connection_buffer_limit_bytes, metadata, deprecated_v1,
-        drain_type, listener_filters, listener_filters_timeout,
+        drain_type, listener_filters_timeout,
         continue_on_listener_filters_timeout, transparent, freebind, socket_options,
         tcp_fast_open_queue_length, traffic_direction, api_listener, connection_balance_config,
         reuse_port, enable_reuse_port, access_log, tcp_backlog_size,
@@ -296,6 +298,130 @@ envoy_message! {
         typed_config: Option<NetworkFilterConfig>,
     }
     unsupported [config_discovery]
+}
+
+envoy_message! {
+    /// `envoy.config.listener.v3.ListenerFilter` (on a UDP listener: a UDP listener filter).
+    struct ListenerFilter {
+        name: Option<String>,
+        typed_config: Option<ListenerFilterConfig>,
+    }
+    unsupported [config_discovery, filter_disabled]
+}
+
+// ---------------------------------------------------------------------------------------
+// envoy.extensions.filters.udp.udp_proxy.v3
+
+envoy_message! {
+    /// `envoy.extensions.filters.udp.udp_proxy.v3.UdpProxyConfig`.
+    struct UdpProxyConfig {
+        stat_prefix: Option<String>,
+        cluster: Option<String>,
+        matcher: Option<Matcher>,
+        idle_timeout: Option<RawDuration>,
+        session_filters: Vec<SessionFilter>,
+        tunneling_config: Option<UdpTunnelingConfig>,
+    }
+    unsupported [
+        use_original_src_ip, hash_policies, upstream_socket_config,
+        use_per_packet_load_balancing, access_log, proxy_access_log, access_log_options,
+    ]
+}
+
+envoy_message! {
+    /// `xds.type.matcher.v3.Matcher`: only `on_no_match` (every session to one cluster).
+    struct Matcher {
+        on_no_match: Option<OnMatch>,
+    }
+    unsupported [matcher_list, matcher_tree]
+}
+
+envoy_message! {
+    /// `xds.type.matcher.v3.Matcher.OnMatch`.
+    struct OnMatch {
+        action: Option<TypedExtensionConfig>,
+    }
+    unsupported [matcher, keep_matching]
+}
+
+envoy_message! {
+    /// `envoy.config.core.v3.TypedExtensionConfig` holding a udp_proxy route action.
+    struct TypedExtensionConfig {
+        name: Option<String>,
+        typed_config: Option<MatchActionConfig>,
+    }
+    unsupported []
+}
+
+envoy_message! {
+    /// `envoy.extensions.filters.udp.udp_proxy.v3.Route`.
+    struct UdpRoute {
+        cluster: Option<String>,
+    }
+    unsupported []
+}
+
+envoy_message! {
+    /// `UdpProxyConfig.SessionFilter`.
+    struct SessionFilter {
+        name: Option<String>,
+        typed_config: Option<SessionFilterConfig>,
+    }
+    unsupported [config_discovery]
+}
+
+envoy_message! {
+    /// `envoy.extensions.filters.udp.udp_proxy.session.http_capsule.v3.FilterConfig`.
+    struct HttpCapsuleFilterConfig {}
+    unsupported []
+}
+
+envoy_message! {
+    /// `UdpProxyConfig.UdpTunnelingConfig`.
+    struct UdpTunnelingConfig {
+        proxy_host: Option<String>,
+        proxy_port: Option<PortValue>,
+        target_host: Option<String>,
+        default_target_port: Option<PortValue>,
+        retry_options: Option<RetryOptions>,
+        headers_to_add: Vec<HeaderValueOption>,
+        buffer_options: Option<BufferOptions>,
+    }
+    unsupported [use_post, post_path, propagate_response_headers, propagate_response_trailers]
+}
+
+envoy_message! {
+    /// `UdpTunnelingConfig.RetryOptions`.
+    struct RetryOptions {
+        max_connect_attempts: Option<PortValue>,
+    }
+    unsupported [backoff_options]
+}
+
+envoy_message! {
+    /// `UdpTunnelingConfig.BufferOptions`.
+    struct BufferOptions {
+        max_buffered_datagrams: Option<PortValue>,
+        max_buffered_bytes: Option<PortValue>,
+    }
+    unsupported []
+}
+
+envoy_message! {
+    /// `envoy.config.core.v3.HeaderValueOption`.
+    struct HeaderValueOption {
+        header: Option<HeaderValue>,
+    }
+    unsupported [append, append_action, keep_empty_value]
+}
+
+envoy_message! {
+    /// `envoy.config.core.v3.HeaderValue`.
+    struct HeaderValue {
+        key: Option<String>,
+        value: Option<String>,
+    }
+    unsupported [raw_value]
 }
 
 // ---------------------------------------------------------------------------------------

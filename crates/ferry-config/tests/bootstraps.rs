@@ -61,6 +61,7 @@ fn expected_terminate_h3() -> Bootstrap {
                     access_log: vec![],
                 },
             },
+            udp_proxy: None,
         }],
         clusters: vec![Cluster {
             name: "service_target".into(),

@@ -743,7 +743,7 @@ fn udp_listener_needs_quic_and_a_certificate() {
         e.path,
         "static_resources.listeners[0].udp_listener_config.quic_options"
     );
-    assert!(e.message.contains("not supported by Ferry"), "{e}");
+    assert!(e.message.contains("udp_proxy"), "{e}");
 
     let text = edit(
         &terminate_h3(),

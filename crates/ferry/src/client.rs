@@ -27,7 +27,7 @@ pub struct ClientOptions {
     pub datagrams: bool,
 }
 
-type SendRequest = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
+pub type SendRequest = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
 type ClientStream = h3::client::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
 
 pub struct H3Client {
@@ -82,43 +82,70 @@ impl H3Client {
         extra_headers: &[(&str, &str)],
         end_stream: bool,
     ) -> Result<ClientTunnel, String> {
-        let mut req = http::Request::builder()
-            .method(Method::CONNECT)
-            .uri(format!("https://{}{}", self.authority, path))
-            .extension(Protocol::CONNECT_UDP);
-        for (k, v) in extra_headers {
-            req = req.header(*k, *v);
-        }
-        let req = req.body(()).map_err(|e| format!("bad request: {e}"))?;
-        let mut stream = self
-            .send_request
-            .send_request(req)
-            .await
-            .map_err(|e| format!("send_request: {e}"))?;
-        if end_stream {
-            stream.finish().await.map_err(|e| format!("finish: {e}"))?;
-        }
-        let resp = stream
-            .recv_response()
-            .await
-            .map_err(|e| format!("recv_response: {e}"))?;
-        let stream_id = stream.id().into_inner();
-        let (tx, rx) = mpsc::channel(4096);
-        let sink: Arc<dyn DatagramSink> = Arc::new(ChannelSink(tx));
-        let registration = RegistrationGuard::new(&self.registry, stream_id, sink);
-        Ok(ClientTunnel {
-            status: resp.status(),
-            headers: resp.headers().clone(),
-            stream_id,
-            stream,
-            conn: self.conn.clone(),
-            datagrams: self.datagrams,
-            rx,
-            decoder: CapsuleDecoder::new(crate::tunnel::MAX_CAPSULE_LEN),
-            stream_done: false,
-            _registration: registration,
-        })
+        open_on(
+            &mut self.send_request,
+            &self.conn,
+            &self.registry,
+            self.datagrams,
+            &self.authority,
+            path,
+            extra_headers,
+            end_stream,
+        )
+        .await
     }
+}
+
+/// Send a CONNECT-UDP request on an HTTP/3 connection and wait for the response head:
+/// the one way `ferry client`, the udp_proxy listener and the tests open tunnels.
+/// `datagrams`: use QUIC DATAGRAM frames (the peer's SETTINGS allowing).
+#[allow(clippy::too_many_arguments)]
+pub async fn open_on(
+    send_request: &mut SendRequest,
+    conn: &quinn::Connection,
+    registry: &Registry,
+    datagrams: bool,
+    authority: &str,
+    path: &str,
+    extra_headers: &[(&str, &str)],
+    end_stream: bool,
+) -> Result<ClientTunnel, String> {
+    let mut req = http::Request::builder()
+        .method(Method::CONNECT)
+        .uri(format!("https://{authority}{path}"))
+        .extension(Protocol::CONNECT_UDP);
+    for (k, v) in extra_headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(()).map_err(|e| format!("bad request: {e}"))?;
+    let mut stream = send_request
+        .send_request(req)
+        .await
+        .map_err(|e| format!("send_request: {e}"))?;
+    if end_stream {
+        stream.finish().await.map_err(|e| format!("finish: {e}"))?;
+    }
+    let resp = stream
+        .recv_response()
+        .await
+        .map_err(|e| format!("recv_response: {e}"))?;
+    let stream_id = stream.id().into_inner();
+    let (tx, rx) = mpsc::channel(4096);
+    let sink: Arc<dyn DatagramSink> = Arc::new(ChannelSink(tx));
+    let registration = RegistrationGuard::new(registry, stream_id, sink);
+    Ok(ClientTunnel {
+        status: resp.status(),
+        headers: resp.headers().clone(),
+        stream_id,
+        stream,
+        conn: conn.clone(),
+        datagrams,
+        rx,
+        decoder: CapsuleDecoder::new(crate::tunnel::MAX_CAPSULE_LEN),
+        stream_done: false,
+        _registration: registration,
+        _lease: None,
+    })
 }
 
 struct ChannelSink(mpsc::Sender<Bytes>);
@@ -146,6 +173,8 @@ pub struct ClientTunnel {
     decoder: CapsuleDecoder,
     stream_done: bool,
     _registration: RegistrationGuard,
+    /// The stream slot on a pooled upstream connection, held while the tunnel lives.
+    _lease: Option<crate::upstream::StreamLease>,
 }
 
 /// What the client saw arrive.
@@ -167,6 +196,35 @@ impl ClientTunnel {
         } else {
             self.send_capsule(0, payload).await
         }
+    }
+
+    /// Hold `lease` (a pooled connection's stream slot) for as long as the tunnel lives.
+    pub fn with_lease(mut self, lease: crate::upstream::StreamLease) -> Self {
+        self._lease = Some(lease);
+        self
+    }
+
+    /// Send a UDP payload as an HTTP/3 datagram when datagrams were negotiated and it fits
+    /// the QUIC path, else as a DATAGRAM capsule on the stream (an endpoint may; RFC 9297
+    /// section 3.5 asks only intermediaries not to convert). Returns how it went.
+    pub async fn send_fitting(&mut self, payload: &[u8]) -> Result<Encoding, String> {
+        if self.datagrams {
+            let header = ferry_proto::varint::encoded_len(self.stream_id / 4) + 1;
+            let fits = self
+                .conn
+                .max_datagram_size()
+                .is_some_and(|max| header + payload.len() <= max);
+            if fits {
+                match self.send_datagram(payload) {
+                    Ok(()) => return Ok(Encoding::QuicDatagram),
+                    Err(e) if self.conn.close_reason().is_some() => return Err(e),
+                    // Too large after all (the path shrank): the stream takes it.
+                    Err(_) => {}
+                }
+            }
+        }
+        self.send_capsule(0, payload).await?;
+        Ok(Encoding::Capsule)
     }
 
     /// An HTTP/3 datagram carrying `payload` with context id 0.

@@ -186,11 +186,66 @@ fn hcm(h: &HttpConnectionManager) -> Value {
     })
 }
 
+/// A udp_proxy listener's `listener_filters[0]`.
+fn udp_proxy(u: &ferry_config::UdpProxy) -> Value {
+    let t = &u.tunneling;
+    let mut tunneling = json!({
+        "proxy_host": t.proxy_host,
+        "target_host": t.target_host,
+        "default_target_port": t.default_target_port,
+        "retry_options": {"max_connect_attempts": t.max_connect_attempts},
+        "headers_to_add": t.headers_to_add.iter()
+            .map(|(k, v)| json!({"header": {"key": k, "value": v}}))
+            .collect::<Vec<_>>(),
+    });
+    if let Some(m) = tunneling.as_object_mut() {
+        if let Some(p) = t.proxy_port {
+            m.insert("proxy_port".into(), json!(p));
+        }
+        if let Some(b) = t.buffer {
+            m.insert(
+                "buffer_options".into(),
+                json!({
+                    "max_buffered_datagrams": b.max_buffered_datagrams,
+                    "max_buffered_bytes": b.max_buffered_bytes.to_string(),
+                }),
+            );
+        }
+    }
+    json!({
+        "name": "envoy.filters.udp_listener.udp_proxy",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.UdpProxyConfig",
+            "stat_prefix": u.stat_prefix,
+            "matcher": {"on_no_match": {"action": {
+                "name": "route",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.Route",
+                    "cluster": u.cluster,
+                },
+            }}},
+            "idle_timeout": duration(u.idle_timeout),
+            "session_filters": [{
+                "name": "envoy.filters.udp.session.http_capsule",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.session.http_capsule.v3.FilterConfig"},
+            }],
+            "tunneling_config": tunneling,
+        },
+    })
+}
+
 fn listener(l: &Listener) -> Value {
     let protocol = match l.protocol {
         SocketProtocol::Udp => "UDP",
         SocketProtocol::Tcp => "TCP",
     };
+    if let Some(u) = &l.udp_proxy {
+        return json!({
+            "name": l.name,
+            "address": socket_address(l.address.ip(), l.address.port(), Some(protocol)),
+            "listener_filters": [udp_proxy(u)],
+        });
+    }
     let mut chain = Map::new();
     if let Some(tls) = &l.filter_chain.tls {
         let certs: Vec<Value> = tls

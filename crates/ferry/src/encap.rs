@@ -1,22 +1,48 @@
-//! Raw UDP in, CONNECT-UDP out: one tunnel per local UDP peer, over one shared HTTP/3
-//! connection to the proxy. This is `ferry client` today; the udp_proxy listener's
-//! `tunneling_config` will reuse the same session handling.
+//! Raw UDP in, CONNECT-UDP out: one tunnel per downstream UDP peer (4-tuple session).
+//!
+//! One session engine serves both the udp_proxy listener (`tunneling_config`, tunnels on a
+//! cluster's pooled HTTP/3 connections) and `ferry client` (one HTTP/3 connection of its
+//! own). A session:
+//! 1. starts with the first datagram from a new peer;
+//! 2. opens its tunnel (up to `max_connect_attempts` attempts; a failed connection or a
+//!    non-2xx response is a failed attempt);
+//! 3. meanwhile buffers the peer's datagrams only as `buffer_options` allows (none without
+//!    it, as in Envoy); what does not fit is dropped and counted;
+//! 4. relays both ways: a datagram goes as a QUIC DATAGRAM frame when it fits the QUIC
+//!    path, else as a DATAGRAM capsule on the stream, so a 1,200-byte inner QUIC packet
+//!    always crosses;
+//! 5. ends after `idle_timeout` without datagrams either way, or when the proxy ends or
+//!    resets the tunnel.
+//!
+//! The upstream tunnel is opened in one place, [`Tunneling::open`], which returns an
+//! [`Opened`]; the relay only needs [`UpstreamTunnel`] from it. An HTTP/2 or HTTP/1.1
+//! upstream plugs in as another `Opened` variant (capsules over `stream.rs`'s
+//! `StreamRecv`/`StreamSend`, see [`CapsuleTunnel`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use arc_swap::ArcSwap;
+use bytes::{Bytes, BytesMut};
+use ferry_config::BufferOptions;
+use ferry_proto::capsule::{self, Capsule, CapsuleDecoder};
+use ferry_proto::datagram;
+use http::{HeaderMap, StatusCode};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, Mutex};
+use tokio::task::JoinSet;
 
-use crate::client::{ClientOptions, H3Client, Received};
+use crate::client::{ClientOptions, ClientTunnel, H3Client, Received};
+use crate::cluster::ClusterManager;
+use crate::stats::{Counter, Encoding, Gauge, GaugeGuard, Store};
+use crate::stream::{StreamRecv, StreamSend};
 
-/// Datagrams a session may hold while its tunnel is being set up (Envoy's
-/// `buffer_options.max_buffered_datagrams` default is 1024; a person's tool needs fewer).
-const SESSION_QUEUE: usize = 256;
+/// Queue between the listener socket and a session whose tunnel is up: a datagram that
+/// finds it full is dropped and counted (`sess_tunnel_buffer_overflow`).
+const SESSION_QUEUE: usize = 1024;
 
 /// What `ferry client` needs to open tunnels.
 #[derive(Debug, Clone)]
@@ -29,140 +55,536 @@ pub struct EncapConfig {
     pub idle_timeout: Duration,
 }
 
-/// Drops by reason, printed when a session ends.
-#[derive(Debug, Default)]
-pub struct EncapStats {
-    /// Datagrams that arrived while a session's queue was full.
-    pub dropped_queue_full: AtomicU64,
-    /// Datagrams the tunnel refused (too large for the QUIC path, connection gone).
-    pub dropped_send_failed: AtomicU64,
+/// How sessions behave (udp_proxy's `idle_timeout`, `buffer_options`, `retry_options`).
+#[derive(Debug, Clone)]
+pub struct SessionSettings {
+    pub idle_timeout: Duration,
+    /// None: no buffering before the tunnel is up (Envoy's default).
+    pub buffer: Option<BufferOptions>,
+    pub max_connect_attempts: u32,
 }
 
-/// Serve `socket` until it fails: each new peer gets its own tunnel, ended after
-/// `idle_timeout` without traffic.
+/// Envoy's udp_proxy stats (`udp.<stat_prefix>.*`, `cluster.<cluster>.udp.*`) and Ferry's
+/// additions.
+#[derive(Debug, Clone)]
+pub struct SessionStats {
+    pub downstream_sess_total: Counter,
+    pub downstream_sess_active: Gauge,
+    pub downstream_sess_rx_datagrams: Counter,
+    pub downstream_sess_rx_bytes: Counter,
+    pub downstream_sess_tx_datagrams: Counter,
+    pub downstream_sess_tx_bytes: Counter,
+    pub downstream_sess_tx_errors: Counter,
+    pub idle_timeout: Counter,
+    pub sess_tx_datagrams: Counter,
+    pub sess_rx_datagrams: Counter,
+    pub sess_tx_errors: Counter,
+    pub sess_tunnel_success: Counter,
+    pub sess_tunnel_failure: Counter,
+    pub sess_tunnel_buffer_overflow: Counter,
+    /// Ferry: datagrams sent to the proxy as DATAGRAM capsules because they did not fit
+    /// the QUIC path (or the proxy has no HTTP/3 datagrams).
+    pub sess_tx_datagrams_capsule: Counter,
+}
+
+impl SessionStats {
+    pub fn new(store: &Store, stat_prefix: &str, cluster: &str) -> Self {
+        let d = |n: &str| store.counter(&format!("udp.{stat_prefix}.{n}"));
+        let c = |n: &str| store.counter(&format!("cluster.{cluster}.udp.{n}"));
+        SessionStats {
+            downstream_sess_total: d("downstream_sess_total"),
+            downstream_sess_active: store
+                .gauge(&format!("udp.{stat_prefix}.downstream_sess_active")),
+            downstream_sess_rx_datagrams: d("downstream_sess_rx_datagrams"),
+            downstream_sess_rx_bytes: d("downstream_sess_rx_bytes"),
+            downstream_sess_tx_datagrams: d("downstream_sess_tx_datagrams"),
+            downstream_sess_tx_bytes: d("downstream_sess_tx_bytes"),
+            downstream_sess_tx_errors: d("downstream_sess_tx_errors"),
+            idle_timeout: d("idle_timeout"),
+            sess_tx_datagrams: c("sess_tx_datagrams"),
+            sess_rx_datagrams: c("sess_rx_datagrams"),
+            sess_tx_errors: c("sess_tx_errors"),
+            sess_tunnel_success: c("sess_tunnel_success"),
+            sess_tunnel_failure: c("sess_tunnel_failure"),
+            sess_tunnel_buffer_overflow: c("sess_tunnel_buffer_overflow"),
+            sess_tx_datagrams_capsule: c("sess_tx_datagrams_capsule"),
+        }
+    }
+}
+
+/// Where tunnels are opened.
+pub enum Upstream {
+    /// `ferry client`: its own HTTP/3 connection, reopened when it closes.
+    Client {
+        proxy: SocketAddr,
+        options: ClientOptions,
+        conn: Box<Mutex<Option<H3Client>>>,
+    },
+    /// The udp_proxy listener: a host of `cluster` (round robin), on the cluster's pooled
+    /// HTTP/3 connections; `authority` is `proxy_host[:proxy_port]`.
+    Cluster {
+        clusters: Arc<ArcSwap<ClusterManager>>,
+        cluster: String,
+        authority: String,
+    },
+}
+
+/// Everything a listener's sessions share.
+pub struct Tunneling {
+    pub upstream: Upstream,
+    /// `/.well-known/masque/udp/{target_host}/{target_port}/` (or a user's template).
+    pub path: String,
+    /// Extra request headers (`headers_to_add`); `capsule-protocol: ?1` is always sent.
+    pub headers: Vec<(String, String)>,
+    /// The target as people read it, for log lines.
+    pub target: String,
+    pub settings: SessionSettings,
+    pub stats: SessionStats,
+    /// Print one line per tunnel on stdout (`ferry client`).
+    pub print: bool,
+}
+
+/// An upstream tunnel as the relay sees it.
+pub trait UpstreamTunnel: Send {
+    /// Send one UDP payload; says how it went out.
+    fn send_udp(
+        &mut self,
+        payload: Bytes,
+    ) -> impl std::future::Future<Output = Result<Encoding, String>> + Send;
+    /// The next UDP payload from the proxy, or the end of the tunnel.
+    fn recv_udp(&mut self) -> impl std::future::Future<Output = Received> + Send;
+    /// End the tunnel cleanly.
+    fn finish(&mut self) -> impl std::future::Future<Output = ()> + Send;
+}
+
+impl UpstreamTunnel for ClientTunnel {
+    async fn send_udp(&mut self, payload: Bytes) -> Result<Encoding, String> {
+        self.send_fitting(&payload).await
+    }
+    async fn recv_udp(&mut self) -> Received {
+        self.recv().await
+    }
+    async fn finish(&mut self) {
+        let _ = ClientTunnel::finish(self).await;
+    }
+}
+
+/// A tunnel over a byte stream or an HTTP/2 / HTTP/1.1 request stream: every datagram is a
+/// DATAGRAM capsule. For the HTTP/2 and HTTP/1.1 upstream client to plug in.
+pub struct CapsuleTunnel<R, S> {
+    recv: R,
+    send: S,
+    decoder: CapsuleDecoder,
+    done: bool,
+}
+
+impl<R: StreamRecv, S: StreamSend> CapsuleTunnel<R, S> {
+    pub fn new(recv: R, send: S) -> Self {
+        CapsuleTunnel {
+            recv,
+            send,
+            decoder: CapsuleDecoder::new(crate::tunnel::MAX_CAPSULE_LEN),
+            done: false,
+        }
+    }
+}
+
+impl<R: StreamRecv, S: StreamSend> UpstreamTunnel for CapsuleTunnel<R, S> {
+    async fn send_udp(&mut self, payload: Bytes) -> Result<Encoding, String> {
+        let mut out = BytesMut::with_capacity(capsule::MAX_HEADER_LEN + 1 + payload.len());
+        let mut body = BytesMut::with_capacity(1 + payload.len());
+        ferry_proto::varint::put(datagram::CONTEXT_ID_UDP, &mut body).map_err(|e| e.to_string())?;
+        body.extend_from_slice(&payload);
+        capsule::encode_capsule(capsule::DATAGRAM_CAPSULE_TYPE, &body, &mut out)
+            .map_err(|e| e.to_string())?;
+        self.send
+            .send(out.freeze())
+            .await
+            .map_err(|()| "stream closed".to_string())?;
+        Ok(Encoding::Capsule)
+    }
+
+    async fn recv_udp(&mut self) -> Received {
+        loop {
+            match self.decoder.next() {
+                Ok(Some(Capsule::Datagram(p))) => match datagram::split_context_id(p) {
+                    Ok((datagram::CONTEXT_ID_UDP, udp)) => {
+                        return Received::Udp(Encoding::Capsule, udp)
+                    }
+                    Ok(_) => continue,
+                    Err(e) => return Received::Reset(format!("bad capsule from proxy: {e}")),
+                },
+                Ok(Some(Capsule::Unknown { .. })) => continue,
+                Ok(None) => {}
+                Err(e) => return Received::Reset(format!("bad capsule from proxy: {e}")),
+            }
+            if self.done {
+                return Received::Finished;
+            }
+            match self.recv.recv().await {
+                Ok(Some(b)) => self.decoder.push(b),
+                Ok(None) => {
+                    self.done = true;
+                    if self.decoder.finish().is_err() {
+                        return Received::Reset("truncated capsule at end of stream".into());
+                    }
+                }
+                Err(()) => {
+                    self.done = true;
+                    return Received::Reset("stream reset".into());
+                }
+            }
+        }
+    }
+
+    async fn finish(&mut self) {
+        self.send.finish().await;
+    }
+}
+
+/// An opened tunnel (any status): what [`Tunneling::open`] returns.
+pub enum Opened {
+    /// HTTP/3: datagrams as QUIC DATAGRAM frames where they fit, else capsules.
+    H3(ClientTunnel),
+}
+
+impl Opened {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Opened::H3(t) => t.status,
+        }
+    }
+    pub fn headers(&self) -> &HeaderMap {
+        match self {
+            Opened::H3(t) => &t.headers,
+        }
+    }
+}
+
+impl Tunneling {
+    /// The request headers: `capsule-protocol: ?1` and `headers_to_add`.
+    fn request_headers(&self) -> Vec<(&str, &str)> {
+        let mut h = vec![("capsule-protocol", "?1")];
+        h.extend(self.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        h
+    }
+
+    /// One attempt: a tunnel through the proxy (whatever status it answered), and where.
+    pub async fn open(&self) -> Result<(Opened, SocketAddr), String> {
+        let headers = self.request_headers();
+        match &self.upstream {
+            Upstream::Client {
+                proxy,
+                options,
+                conn,
+            } => {
+                let mut guard = conn.lock().await;
+                let alive = guard
+                    .as_ref()
+                    .is_some_and(|c| c.conn.close_reason().is_none());
+                if !alive {
+                    *guard = Some(H3Client::connect(*proxy, options).await?);
+                }
+                let c = guard
+                    .as_mut()
+                    .ok_or_else(|| "no connection to the proxy".to_string())?;
+                let t = c.open(&self.path, &headers, false).await?;
+                Ok((Opened::H3(t), *proxy))
+            }
+            Upstream::Cluster {
+                clusters,
+                cluster,
+                authority,
+            } => {
+                let clusters = clusters.load_full();
+                let state = clusters
+                    .get(cluster)
+                    .ok_or_else(|| format!("no cluster {cluster}"))?;
+                let pool = state.upstream.as_ref().ok_or_else(|| {
+                    format!("cluster {cluster} has no HTTP/3 upstream (typed_extension_protocol_options)")
+                })?;
+                let addr = state
+                    .pick()
+                    .map_err(|e| format!("cluster {cluster}: no host ({e:?})"))?;
+                let lease = pool
+                    .lease(addr)
+                    .await
+                    .map_err(|e| format!("proxy {addr}: {e:?}"))?;
+                pool.stats.upstream_rq_total.inc();
+                let conn = lease.conn.clone();
+                let datagrams = {
+                    use h3::ConnectionState;
+                    conn.peer.settings().enable_datagram()
+                };
+                let mut send_request = conn.send_request.clone();
+                let t = tokio::time::timeout(
+                    crate::forward::RESPONSE_TIMEOUT,
+                    crate::client::open_on(
+                        &mut send_request,
+                        &conn.conn,
+                        &conn.registry,
+                        datagrams,
+                        authority,
+                        &self.path,
+                        &headers,
+                        false,
+                    ),
+                )
+                .await
+                .map_err(|_| format!("proxy {addr} sent no response"))??;
+                Ok((Opened::H3(t.with_lease(lease)), addr))
+            }
+        }
+    }
+}
+
+/// A session as the listener loop sees it.
+struct SessionHandle {
+    id: u64,
+    tx: mpsc::Sender<Bytes>,
+    shared: Arc<SessionShared>,
+}
+
+/// State the listener loop and the session share.
+#[derive(Default)]
+struct SessionShared {
+    /// The tunnel is up: datagrams go straight to it.
+    up: AtomicBool,
+    /// What waits in the queue before that (bounded by `buffer_options`).
+    buffered_datagrams: AtomicUsize,
+    buffered_bytes: AtomicU64,
+}
+
+/// `ferry client`: serve `socket` with its own connection to the proxy until the socket
+/// fails.
 pub async fn run(socket: UdpSocket, config: EncapConfig) -> Result<(), String> {
-    let socket = Arc::new(socket);
-    let client: Arc<Mutex<Option<H3Client>>> = Arc::new(Mutex::new(None));
-    let stats = Arc::new(EncapStats::default());
-    let mut sessions: HashMap<SocketAddr, mpsc::Sender<Bytes>> = HashMap::new();
-    let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<SocketAddr>();
+    let store = Store::new();
+    let tunneling = Arc::new(Tunneling {
+        upstream: Upstream::Client {
+            proxy: config.proxy,
+            options: config.client,
+            conn: Box::new(Mutex::new(None)),
+        },
+        path: config.path,
+        headers: Vec::new(),
+        target: config.target,
+        settings: SessionSettings {
+            idle_timeout: config.idle_timeout,
+            buffer: Some(BufferOptions {
+                max_buffered_datagrams: 256,
+                max_buffered_bytes: 1 << 20,
+            }),
+            max_connect_attempts: 1,
+        },
+        stats: SessionStats::new(&store, "client", "proxy"),
+        print: true,
+    });
+    serve(Arc::new(socket), tunneling, std::future::pending()).await
+}
+
+/// Serve `socket` until `stop` resolves (or the socket fails): each new peer gets its own
+/// session and tunnel.
+pub async fn serve(
+    socket: Arc<UdpSocket>,
+    tunneling: Arc<Tunneling>,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), String> {
+    let mut sessions: HashMap<SocketAddr, SessionHandle> = HashMap::new();
+    let mut tasks: JoinSet<(SocketAddr, u64)> = JoinSet::new();
+    let mut next_id = 0u64;
     let mut buf = vec![0u8; 65536];
+    let stats = &tunneling.stats;
+    let queue = match tunneling.settings.buffer {
+        Some(b) => (b.max_buffered_datagrams as usize).clamp(SESSION_QUEUE, 1 << 16),
+        None => SESSION_QUEUE,
+    };
+    tokio::pin!(stop);
     loop {
         tokio::select! {
-            ended = ended_rx.recv() => {
-                if let Some(peer) = ended {
-                    sessions.remove(&peer);
+            _ = &mut stop => return Ok(()),
+            Some(done) = tasks.join_next() => {
+                if let Ok((peer, id)) = done {
+                    if sessions.get(&peer).is_some_and(|s| s.id == id) {
+                        sessions.remove(&peer);
+                    }
                 }
             }
             r = socket.recv_from(&mut buf) => {
-                let (n, peer) = r.map_err(|e| format!("local socket: {e}"))?;
+                let (n, peer) = match r {
+                    Ok(x) => x,
+                    // ICMP errors from earlier sends surface here on some systems: not fatal.
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+                        || e.kind() == std::io::ErrorKind::ConnectionReset => continue,
+                    Err(e) => return Err(format!("local socket: {e}")),
+                };
                 let data = Bytes::copy_from_slice(buf.get(..n).unwrap_or_default());
-                let tx = sessions.entry(peer).or_insert_with(|| {
-                    let (tx, rx) = mpsc::channel(SESSION_QUEUE);
-                    crate::supervise::spawn("client session", session(
-                        peer,
-                        rx,
-                        socket.clone(),
-                        client.clone(),
-                        config.clone(),
-                        stats.clone(),
-                        ended_tx.clone(),
-                    ));
-                    tx
+                stats.downstream_sess_rx_datagrams.inc();
+                stats.downstream_sess_rx_bytes.add(n as u64);
+                let closed = sessions.get(&peer).is_some_and(|s| s.tx.is_closed());
+                if closed {
+                    sessions.remove(&peer);
+                }
+                let session = sessions.entry(peer).or_insert_with(|| {
+                    next_id += 1;
+                    let id = next_id;
+                    let (tx, rx) = mpsc::channel(queue);
+                    let shared = Arc::new(SessionShared::default());
+                    let t = tunneling.clone();
+                    let s = shared.clone();
+                    let sock = socket.clone();
+                    tasks.spawn(async move {
+                        session(peer, rx, sock, t, s).await;
+                        (peer, id)
+                    });
+                    SessionHandle { id, tx, shared }
                 });
-                if tx.try_send(data).is_err() {
-                    stats.dropped_queue_full.fetch_add(1, Ordering::Relaxed);
+                if !admit(session, &tunneling.settings, n) || session.tx.try_send(data).is_err() {
+                    stats.sess_tunnel_buffer_overflow.inc();
                 }
             }
         }
     }
 }
 
-/// A live connection to the proxy, opening a new one when there is none or it closed.
-async fn tunnel_for(
-    client: &Mutex<Option<H3Client>>,
-    config: &EncapConfig,
-) -> Result<crate::client::ClientTunnel, String> {
-    let mut guard = client.lock().await;
-    let alive = guard
-        .as_ref()
-        .is_some_and(|c| c.conn.close_reason().is_none());
-    if !alive {
-        *guard = Some(H3Client::connect(config.proxy, &config.client).await?);
+/// Whether a datagram of `len` bytes may be queued for `session` (buffer_options).
+fn admit(session: &SessionHandle, settings: &SessionSettings, len: usize) -> bool {
+    let s = &session.shared;
+    if s.up.load(Ordering::Acquire) {
+        return true;
     }
-    let c = guard
-        .as_mut()
-        .ok_or_else(|| "no connection to the proxy".to_string())?;
-    c.open(&config.path, &[("capsule-protocol", "?1")], false)
-        .await
+    let Some(b) = settings.buffer else {
+        return false;
+    };
+    let datagrams = s.buffered_datagrams.load(Ordering::Relaxed);
+    let bytes = s.buffered_bytes.load(Ordering::Relaxed);
+    if datagrams >= b.max_buffered_datagrams as usize
+        || bytes.saturating_add(len as u64) > b.max_buffered_bytes
+    {
+        return false;
+    }
+    s.buffered_datagrams.fetch_add(1, Ordering::Relaxed);
+    s.buffered_bytes.fetch_add(len as u64, Ordering::Relaxed);
+    true
+}
+
+/// Open the tunnel, trying up to `max_connect_attempts` times.
+async fn connect(peer: SocketAddr, t: &Tunneling) -> Option<(Opened, SocketAddr)> {
+    let attempts = t.settings.max_connect_attempts.max(1);
+    for attempt in 1..=attempts {
+        let why = match t.open().await {
+            Ok((o, addr)) if o.status().is_success() => return Some((o, addr)),
+            Ok((o, addr)) => {
+                let ps = o
+                    .headers()
+                    .get("proxy-status")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                format!("refused by {addr}: {} {ps}", o.status())
+            }
+            Err(e) => format!("failed: {e}"),
+        };
+        tracing::debug!(%peer, attempt, attempts, "tunnel attempt {why}");
+        if t.print {
+            println!("tunnel {peer} -> {}: {why}", t.target);
+        }
+    }
+    None
 }
 
 async fn session(
     peer: SocketAddr,
     mut from_peer: mpsc::Receiver<Bytes>,
     socket: Arc<UdpSocket>,
-    client: Arc<Mutex<Option<H3Client>>>,
-    config: EncapConfig,
-    stats: Arc<EncapStats>,
-    ended: mpsc::UnboundedSender<SocketAddr>,
+    t: Arc<Tunneling>,
+    shared: Arc<SessionShared>,
 ) {
-    let mut tunnel = match tunnel_for(&client, &config).await {
-        Ok(t) if t.status.is_success() => {
-            println!(
-                "tunnel {peer} -> {} via {}: {}",
-                config.target, config.proxy, t.status
-            );
-            t
-        }
-        Ok(t) => {
-            let ps = t
-                .headers
-                .get("proxy-status")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            println!(
-                "tunnel {peer} -> {}: refused {} {ps}",
-                config.target, t.status
-            );
-            let _ = ended.send(peer);
-            return;
-        }
-        Err(e) => {
-            println!("tunnel {peer} -> {}: failed: {e}", config.target);
-            let _ = ended.send(peer);
-            return;
-        }
+    let stats = &t.stats;
+    stats.downstream_sess_total.inc();
+    let _active = GaugeGuard::new(&stats.downstream_sess_active);
+    let Some((opened, via)) = connect(peer, &t).await else {
+        stats.sess_tunnel_failure.inc();
+        return;
     };
-    let (mut up, mut down) = (0u64, 0u64);
+    stats.sess_tunnel_success.inc();
+    if t.print {
+        println!(
+            "tunnel {peer} -> {} via {via}: {}",
+            t.target,
+            opened.status()
+        );
+    }
+    shared.up.store(true, Ordering::Release);
+    let summary = match opened {
+        Opened::H3(tunnel) => relay(peer, tunnel, &mut from_peer, &socket, &t).await,
+    };
+    tracing::debug!(%peer, "{summary}");
+    if t.print {
+        println!("tunnel {peer} closed ({summary})");
+    }
+}
+
+/// Relay until the tunnel ends or the session is idle; returns a one-line summary.
+async fn relay(
+    peer: SocketAddr,
+    mut tunnel: impl UpstreamTunnel,
+    from_peer: &mut mpsc::Receiver<Bytes>,
+    socket: &UdpSocket,
+    t: &Tunneling,
+) -> String {
+    let stats = &t.stats;
+    let (mut sent, mut received, mut dropped) = (0u64, 0u64, 0u64);
+    let idle = tokio::time::sleep(t.settings.idle_timeout);
+    tokio::pin!(idle);
     let why = loop {
         tokio::select! {
             d = from_peer.recv() => match d {
                 Some(d) => {
-                    if tunnel.send(&d).await.is_err() {
-                        stats.dropped_send_failed.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        up += 1;
+                    idle.as_mut().reset(tokio::time::Instant::now() + t.settings.idle_timeout);
+                    match tunnel.send_udp(d).await {
+                        Ok(encoding) => {
+                            sent += 1;
+                            stats.sess_tx_datagrams.inc();
+                            if encoding == Encoding::Capsule {
+                                stats.sess_tx_datagrams_capsule.inc();
+                            }
+                        }
+                        Err(_) => {
+                            dropped += 1;
+                            stats.sess_tx_errors.inc();
+                        }
                     }
                 }
                 None => break "local side closed",
             },
-            r = tunnel.recv() => match r {
+            r = tunnel.recv_udp() => match r {
                 Received::Udp(_, payload) => {
-                    if socket.send_to(&payload, peer).await.is_ok() {
-                        down += 1;
+                    idle.as_mut().reset(tokio::time::Instant::now() + t.settings.idle_timeout);
+                    stats.sess_rx_datagrams.inc();
+                    match socket.send_to(&payload, peer).await {
+                        Ok(_) => {
+                            received += 1;
+                            stats.downstream_sess_tx_datagrams.inc();
+                            stats.downstream_sess_tx_bytes.add(payload.len() as u64);
+                        }
+                        Err(_) => {
+                            dropped += 1;
+                            stats.downstream_sess_tx_errors.inc();
+                        }
                     }
                 }
                 Received::Finished => break "proxy ended the tunnel",
                 Received::Reset(_) => break "proxy reset the tunnel",
             },
-            _ = tokio::time::sleep(config.idle_timeout) => break "idle",
+            _ = &mut idle => {
+                stats.idle_timeout.inc();
+                break "idle";
+            }
         }
     };
-    let _ = tunnel.finish().await;
-    println!(
-        "tunnel {peer} closed ({why}): {up} datagrams sent, {down} received, {} dropped (queue full), {} dropped (send failed)",
-        stats.dropped_queue_full.load(Ordering::Relaxed),
-        stats.dropped_send_failed.load(Ordering::Relaxed),
-    );
-    let _ = ended.send(peer);
+    tunnel.finish().await;
+    format!(
+        "{why}: {sent} datagrams sent, {received} received, {dropped} dropped; listener totals: {} dropped (buffer full), {} dropped (send failed)",
+        stats.sess_tunnel_buffer_overflow.get(),
+        stats.sess_tx_errors.get(),
+    )
 }

@@ -26,6 +26,7 @@ pub mod supervise;
 pub mod tcpserver;
 pub mod tls;
 pub mod tunnel;
+pub mod udpproxy;
 pub mod upstream;
 pub mod upstream_tcp;
 

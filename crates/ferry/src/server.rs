@@ -155,6 +155,7 @@ pub struct Server {
     pub state: Arc<ServerState>,
     h3: Vec<H3Listener>,
     tcp: Vec<TcpListener>,
+    udp_proxy: Vec<crate::udpproxy::UdpProxyListener>,
     admin: Option<AdminServer>,
 }
 
@@ -189,7 +190,19 @@ impl Server {
         let mut h3 = Vec::new();
         let mut tcp_pending = Vec::new();
         let mut bound = Vec::new();
+        let mut udp_proxy = Vec::new();
         for l in &bootstrap.listeners {
+            if let Some(config) = &l.udp_proxy {
+                let listener =
+                    crate::udpproxy::UdpProxyListener::bind(l, config, clusters.clone(), &stats)?;
+                bound.push(BoundListener {
+                    name: l.name.clone(),
+                    local_addr: listener.local_addr,
+                    protocol: l.protocol,
+                });
+                udp_proxy.push(listener);
+                continue;
+            }
             let hcm = &l.filter_chain.hcm;
             let is_h3 = match (l.protocol, l.quic.is_some(), hcm.codec_type) {
                 (SocketProtocol::Udp, true, CodecType::Http3 | CodecType::Auto) => true,
@@ -273,6 +286,7 @@ impl Server {
             state,
             h3,
             tcp,
+            udp_proxy,
             admin,
         })
     }
@@ -294,7 +308,10 @@ impl Server {
         clusters.start(&shutdown);
         // Like Envoy's cluster warming: serve once the first DNS answers are in.
         let _ = tokio::time::timeout(INITIAL_DNS_WAIT, clusters.initialized()).await;
-        let listeners = self.h3.len() + self.tcp.len();
+        let listeners = self.h3.len() + self.tcp.len() + self.udp_proxy.len();
+        for l in self.udp_proxy {
+            tasks.spawn(l.serve(shutdown.subscribe()));
+        }
         for l in self.h3 {
             tasks.spawn(l.serve(shutdown.subscribe()));
         }

@@ -1,0 +1,197 @@
+//! The udp_proxy listener filter (`UdpProxyConfig` with `tunneling_config`): what loads,
+//! what each mistake or unsupported field reports, by path.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use ferry_config::*;
+
+fn example() -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/udp-proxy-h3.yaml");
+    std::fs::read_to_string(path)
+        .unwrap()
+        // No files needed: the CA is only read, never used here.
+        .replace(
+            "trusted_ca: { filename: examples/certs/cert.pem }",
+            "trusted_ca: { inline_string: \"-----BEGIN CERTIFICATE-----\\nMIIB\\n-----END CERTIFICATE-----\\n\" }",
+        )
+}
+
+fn load(text: &str) -> Result<Bootstrap, ConfigErrors> {
+    load_str(text, Format::Yaml)
+}
+
+fn edit(text: &str, from: &str, to: &str) -> String {
+    assert!(text.contains(from), "{from:?} not in the text");
+    text.replacen(from, to, 1)
+}
+
+const F: &str = "static_resources.listeners[0].listener_filters[0].typed_config";
+
+fn first_error(text: &str) -> ConfigError {
+    let errors = load(text).expect_err("should fail");
+    errors.0[0].clone()
+}
+
+#[test]
+fn the_example_loads_with_every_field() {
+    let b = load(&example()).unwrap_or_else(|e| panic!("{e}"));
+    let u = b.listeners[0].udp_proxy.as_ref().unwrap();
+    assert_eq!(u.stat_prefix, "udp_tunnel");
+    assert_eq!(u.cluster, "masque_proxy");
+    assert_eq!(u.idle_timeout, Duration::from_secs(60));
+    let t = &u.tunneling;
+    assert_eq!(t.proxy_host, "localhost");
+    assert_eq!(t.proxy_port, Some(4433));
+    assert_eq!(t.target_host, "localhost");
+    assert_eq!(t.default_target_port, 9000);
+    assert_eq!(t.max_connect_attempts, 2);
+    assert_eq!(
+        t.headers_to_add,
+        vec![("x-tunnel-from".to_string(), "udp-proxy-example".to_string())]
+    );
+    assert_eq!(
+        t.buffer,
+        Some(BufferOptions {
+            max_buffered_datagrams: 1024,
+            max_buffered_bytes: 16384
+        })
+    );
+    assert_eq!(b.listeners[0].protocol, SocketProtocol::Udp);
+    assert_eq!(b.listeners[0].quic, None);
+}
+
+#[test]
+fn defaults_are_envoys() {
+    let text = edit(&example(), "        idle_timeout: 60s\n", "");
+    let text = edit(
+        &text,
+        "          buffer_options:\n            max_buffered_datagrams: 1024\n            max_buffered_bytes: 16384\n",
+        "          buffer_options: {}\n",
+    );
+    let text = edit(
+        &text,
+        "          retry_options:\n            max_connect_attempts: 2\n",
+        "",
+    );
+    let b = load(&text).unwrap();
+    let u = b.listeners[0].udp_proxy.as_ref().unwrap();
+    assert_eq!(u.idle_timeout, Duration::from_secs(60));
+    assert_eq!(u.tunneling.max_connect_attempts, 1);
+    assert_eq!(
+        u.tunneling.buffer,
+        Some(BufferOptions {
+            max_buffered_datagrams: 1024,
+            max_buffered_bytes: 16384
+        })
+    );
+    // No buffer_options: no buffering.
+    let text = edit(&text, "          buffer_options: {}\n", "");
+    let b = load(&text).unwrap();
+    assert_eq!(
+        b.listeners[0].udp_proxy.as_ref().unwrap().tunneling.buffer,
+        None
+    );
+}
+
+#[test]
+fn unsupported_fields_are_named() {
+    for (add, path) in [
+        ("          use_post: true\n", "tunneling_config.use_post"),
+        (
+            "          propagate_response_headers: true\n",
+            "tunneling_config.propagate_response_headers",
+        ),
+    ] {
+        let text = edit(
+            &example(),
+            "          proxy_port: 4433\n",
+            &format!("          proxy_port: 4433\n{add}"),
+        );
+        let e = first_error(&text);
+        assert_eq!(e.path, format!("{F}.{path}"));
+        assert!(e.message.contains("not supported by Ferry (yet)"), "{e}");
+    }
+    let text = edit(
+        &example(),
+        "        stat_prefix: udp_tunnel\n",
+        "        stat_prefix: udp_tunnel\n        use_per_packet_load_balancing: true\n",
+    );
+    assert_eq!(
+        first_error(&text).path,
+        format!("{F}.use_per_packet_load_balancing")
+    );
+}
+
+#[test]
+fn mistakes_are_reported_by_path() {
+    // No http_capsule session filter.
+    let text = edit(
+        &example(),
+        "        session_filters:\n        - name: envoy.filters.udp.session.http_capsule\n          typed_config:\n            \"@type\": type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.session.http_capsule.v3.FilterConfig\n",
+        "",
+    );
+    assert_eq!(first_error(&text).path, format!("{F}.session_filters"));
+    // An unknown cluster, and a cluster that is not an HTTP/3 proxy.
+    let text = edit(&example(), "cluster: masque_proxy", "cluster: nope");
+    let e = first_error(&text);
+    assert_eq!(
+        e.path,
+        format!("{F}.matcher.on_no_match.action.typed_config.cluster")
+    );
+    assert!(e.message.contains("unknown cluster"), "{e}");
+    let start = example()
+        .find("    typed_extension_protocol_options:")
+        .unwrap();
+    let plain = example()[..start].to_string();
+    let e = first_error(&plain);
+    assert_eq!(
+        e.path,
+        format!("{F}.matcher.on_no_match.action.typed_config.cluster")
+    );
+    assert!(e.message.contains("HTTP/3"), "{e}");
+    // Ports.
+    let text = edit(
+        &example(),
+        "default_target_port: 9000",
+        "default_target_port: 0",
+    );
+    assert_eq!(
+        first_error(&text).path,
+        format!("{F}.tunneling_config.default_target_port")
+    );
+    // Command operators are not evaluated (yet).
+    let text = edit(
+        &example(),
+        "target_host: localhost",
+        "target_host: \"%FILTER_STATE(x:PLAIN)%\"",
+    );
+    assert_eq!(
+        first_error(&text).path,
+        format!("{F}.tunneling_config.target_host")
+    );
+    // No tunneling_config: plain UDP proxying is not implemented.
+    let start = example().find("        tunneling_config:").unwrap();
+    let end = example().find("  clusters:").unwrap();
+    let text = format!("{}{}", &example()[..start], &example()[end..]);
+    assert_eq!(first_error(&text).path, format!("{F}.tunneling_config"));
+    // A udp_proxy on a QUIC listener.
+    let text = edit(
+        &example(),
+        "    listener_filters:\n",
+        "    udp_listener_config:\n      quic_options: {}\n    listener_filters:\n",
+    );
+    assert!(load(&text)
+        .unwrap_err()
+        .has_path("static_resources.listeners[0].listener_filters"));
+    // An unknown listener filter type.
+    let text = edit(
+        &example(),
+        "type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.UdpProxyConfig",
+        "type.googleapis.com/envoy.extensions.filters.udp.dns_filter.v3.DnsFilterConfig",
+    );
+    let e = first_error(&text);
+    assert_eq!(e.path, format!("{F}.@type"));
+    assert!(e.message.contains("not supported by Ferry (yet)"), "{e}");
+}

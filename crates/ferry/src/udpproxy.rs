@@ -1,0 +1,92 @@
+//! The udp_proxy listener (`envoy.filters.udp_listener.udp_proxy` with `tunneling_config`):
+//! raw UDP in, one CONNECT-UDP tunnel per downstream session out, on the cluster's pooled
+//! HTTP/3 connections. The sessions themselves are `encap.rs`, shared with `ferry client`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use ferry_config::{Listener, UdpProxy};
+use ferry_proto::template::UriTemplate;
+use tokio::net::UdpSocket;
+
+use crate::cluster::ClusterManager;
+use crate::encap::{SessionSettings, SessionStats, Tunneling, Upstream};
+use crate::shutdown::Waiter;
+use crate::stats::Store;
+
+pub struct UdpProxyListener {
+    pub local_addr: SocketAddr,
+    socket: Arc<UdpSocket>,
+    tunneling: Arc<Tunneling>,
+}
+
+/// `proxy_host[:proxy_port]`, IPv6 literals in brackets.
+fn authority(host: &str, port: Option<u16>) -> String {
+    let host = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    };
+    match port {
+        Some(p) => format!("{host}:{p}"),
+        None => host,
+    }
+}
+
+impl UdpProxyListener {
+    /// Bind the listener's UDP socket. Must run inside a tokio runtime.
+    pub fn bind(
+        listener: &Listener,
+        config: &UdpProxy,
+        clusters: Arc<ArcSwap<ClusterManager>>,
+        store: &Store,
+    ) -> Result<Self, String> {
+        let std_socket = crate::quic::bind_socket(listener.address).map_err(|e| {
+            format!(
+                "listener {}: cannot bind {}: {e}",
+                listener.name, listener.address
+            )
+        })?;
+        std_socket
+            .set_nonblocking(true)
+            .map_err(|e| format!("listener {}: {e}", listener.name))?;
+        let socket = UdpSocket::from_std(std_socket)
+            .map_err(|e| format!("listener {}: {e}", listener.name))?;
+        let local_addr = socket
+            .local_addr()
+            .map_err(|e| format!("listener {}: {e}", listener.name))?;
+        let t = &config.tunneling;
+        let tunneling = Tunneling {
+            upstream: Upstream::Cluster {
+                clusters,
+                cluster: config.cluster.clone(),
+                authority: authority(&t.proxy_host, t.proxy_port),
+            },
+            path: UriTemplate::default_template()
+                .expand_path(&t.target_host, t.default_target_port),
+            headers: t.headers_to_add.clone(),
+            target: format!("{}:{}", t.target_host, t.default_target_port),
+            settings: SessionSettings {
+                idle_timeout: config.idle_timeout,
+                buffer: t.buffer,
+                max_connect_attempts: t.max_connect_attempts,
+            },
+            stats: SessionStats::new(store, &config.stat_prefix, &config.cluster),
+            print: false,
+        };
+        Ok(UdpProxyListener {
+            local_addr,
+            socket: Arc::new(socket),
+            tunneling: Arc::new(tunneling),
+        })
+    }
+
+    /// Serve until shutdown; open sessions end with it.
+    pub async fn serve(self, mut shutdown: Waiter) {
+        let stop = async move { shutdown.wait().await };
+        if let Err(e) = crate::encap::serve(self.socket, self.tunneling, stop).await {
+            tracing::error!(addr = %self.local_addr, "udp_proxy listener stopped: {e}");
+        }
+    }
+}
