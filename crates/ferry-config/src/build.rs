@@ -151,7 +151,7 @@ pub(crate) fn build(raw: &raw::Bootstrap) -> Result<model::Bootstrap, Vec<Config
 
     let known = KnownClusters {
         defined,
-        http3: clusters
+        proxies: clusters
             .iter()
             .filter(|c: &&model::Cluster| c.upstream.is_some())
             .map(|c| c.name.clone())
@@ -300,8 +300,8 @@ fn build_admin(ctx: &mut Ctx, p: &P, admin: &raw::Admin) -> Option<model::Admin>
 struct KnownClusters<'a> {
     /// Every cluster name (a cluster that failed validation still counts as defined).
     defined: HashSet<&'a str>,
-    /// Clusters that are CONNECT-UDP proxies reached over HTTP/3 (HTTP protocol options).
-    http3: HashSet<String>,
+    /// Clusters that are CONNECT-UDP proxies (HTTP/3, HTTP/2 or HTTP/1.1 protocol options).
+    proxies: HashSet<String>,
 }
 
 fn build_listener(

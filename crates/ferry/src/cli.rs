@@ -105,7 +105,7 @@ pub struct ClientArgs {
     /// `https://HOST:PORT/.well-known/masque/udp/{target_host}/{target_port}/`.
     #[arg(long)]
     pub template: Option<String>,
-    /// Use HTTP/2 instead of HTTP/3 (not implemented yet).
+    /// Use HTTP/2 over TLS (extended CONNECT, datagrams as capsules) instead of HTTP/3.
     #[arg(long)]
     pub http2: bool,
     /// Send datagrams as DATAGRAM capsules on the stream, never as QUIC datagrams.
@@ -290,9 +290,6 @@ fn client_main(args: ClientArgs, concurrency: Option<usize>) -> ExitCode {
 
 fn client_config(args: &ClientArgs) -> Result<crate::encap::EncapConfig, String> {
     use ferry_proto::template::UriTemplate;
-    if args.http2 {
-        return Err("--http2 is not implemented yet; ferry client speaks HTTP/3".into());
-    }
     let rest = args
         .proxy
         .strip_prefix("https://")
@@ -341,5 +338,6 @@ fn client_config(args: &ClientArgs) -> Result<crate::encap::EncapConfig, String>
         path: template.expand_path(thost, tport),
         target: args.target.clone(),
         idle_timeout: Duration::from_secs(args.idle_timeout_s.max(1)),
+        http2: args.http2,
     })
 }

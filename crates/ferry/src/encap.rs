@@ -53,6 +53,8 @@ pub struct EncapConfig {
     pub path: String,
     pub target: String,
     pub idle_timeout: Duration,
+    /// HTTP/2 over TLS (datagrams as capsules) instead of HTTP/3.
+    pub http2: bool,
 }
 
 /// How sessions behave (udp_proxy's `idle_timeout`, `buffer_options`, `retry_options`).
@@ -120,8 +122,16 @@ pub enum Upstream {
         options: ClientOptions,
         conn: Box<Mutex<Option<H3Client>>>,
     },
+    /// `ferry client --http2`: HTTP/2 to the proxy (one connection, reopened when it
+    /// closes); `authority` is the proxy's `host:port`.
+    ClientTcp {
+        proxy: SocketAddr,
+        authority: String,
+        pool: crate::upstream_tcp::TcpPool,
+    },
     /// The udp_proxy listener: a host of `cluster` (round robin), on the cluster's pooled
-    /// HTTP/3 connections; `authority` is `proxy_host[:proxy_port]`.
+    /// HTTP/3 or HTTP/2 connections (HTTP/1.1: one per tunnel); `authority` is
+    /// `proxy_host[:proxy_port]`.
     Cluster {
         clusters: Arc<ArcSwap<ClusterManager>>,
         cluster: String,
@@ -242,23 +252,80 @@ impl<R: StreamRecv, S: StreamSend> UpstreamTunnel for CapsuleTunnel<R, S> {
     }
 }
 
+/// An HTTP/2 or HTTP/1.1 tunnel's byte stream.
+pub type TcpTunnel = CapsuleTunnel<crate::upstream_tcp::TcpRecv, crate::upstream_tcp::TcpSend>;
+
 /// An opened tunnel (any status): what [`Tunneling::open`] returns.
 pub enum Opened {
     /// HTTP/3: datagrams as QUIC DATAGRAM frames where they fit, else capsules.
     H3(ClientTunnel),
+    /// HTTP/2 or HTTP/1.1: every datagram a DATAGRAM capsule. `status` is the client's
+    /// view (an HTTP/1.1 `101` is a `200`); `tunnel` is there when the proxy accepted.
+    Tcp {
+        status: StatusCode,
+        headers: HeaderMap,
+        tunnel: Option<Box<TcpTunnel>>,
+    },
 }
 
 impl Opened {
     pub fn status(&self) -> StatusCode {
         match self {
             Opened::H3(t) => t.status,
+            Opened::Tcp { status, .. } => *status,
         }
     }
     pub fn headers(&self) -> &HeaderMap {
         match self {
             Opened::H3(t) => &t.headers,
+            Opened::Tcp { headers, .. } => headers,
         }
     }
+}
+
+/// One CONNECT-UDP request over HTTP/2 or HTTP/1.1 through `pool` to `addr`.
+async fn open_tcp(
+    pool: &crate::upstream_tcp::TcpPool,
+    addr: SocketAddr,
+    authority: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Opened, String> {
+    let mut map = HeaderMap::new();
+    for (k, v) in headers {
+        let name = http::header::HeaderName::from_bytes(k.as_bytes())
+            .map_err(|e| format!("header {k}: {e}"))?;
+        let value = http::HeaderValue::from_str(v).map_err(|e| format!("header {k}: {e}"))?;
+        map.append(name, value);
+    }
+    let answer = tokio::time::timeout(
+        pool.connect_timeout() + crate::forward::RESPONSE_TIMEOUT,
+        pool.open(addr, authority, path, &map),
+    )
+    .await
+    .map_err(|_| format!("proxy {addr} sent no response"))?
+    .map_err(|e| format!("proxy {addr}: {e:?}"))?;
+    let mut status = answer.status;
+    let tunnel = match answer.io {
+        Some((recv, send)) => {
+            if status == StatusCode::SWITCHING_PROTOCOLS {
+                status = StatusCode::OK;
+            }
+            Some(Box::new(CapsuleTunnel::new(recv, send)))
+        }
+        // An HTTP/1.1 proxy's 2xx that is not 101 opens no tunnel.
+        None if status.is_success() => {
+            return Err(format!(
+                "proxy {addr} answered {status} to an HTTP/1.1 Upgrade (expected 101)"
+            ))
+        }
+        None => None,
+    };
+    Ok(Opened::Tcp {
+        status,
+        headers: answer.headers,
+        tunnel,
+    })
 }
 
 impl Tunneling {
@@ -291,6 +358,14 @@ impl Tunneling {
                 let t = c.open(&self.path, &headers, false).await?;
                 Ok((Opened::H3(t), *proxy))
             }
+            Upstream::ClientTcp {
+                proxy,
+                authority,
+                pool,
+            } => Ok((
+                open_tcp(pool, *proxy, authority, &self.path, &headers).await?,
+                *proxy,
+            )),
             Upstream::Cluster {
                 clusters,
                 cluster,
@@ -300,6 +375,13 @@ impl Tunneling {
                 let state = clusters
                     .get(cluster)
                     .ok_or_else(|| format!("no cluster {cluster}"))?;
+                if let (None, Some(pool)) = (&state.upstream, &state.tcp_upstream) {
+                    let addr = state
+                        .pick()
+                        .map_err(|e| format!("cluster {cluster}: no host ({e:?})"))?;
+                    let opened = open_tcp(pool, addr, authority, &self.path, &headers).await?;
+                    return Ok((opened, addr));
+                }
                 let pool = state.upstream.as_ref().ok_or_else(|| {
                     format!("cluster {cluster} has no HTTP/3 upstream (typed_extension_protocol_options)")
                 })?;
@@ -355,16 +437,42 @@ struct SessionShared {
     buffered_bytes: AtomicU64,
 }
 
+/// How long `ferry client` waits for a TCP+TLS connection to the proxy.
+const CLIENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// `ferry client`: serve `socket` with its own connection to the proxy until the socket
 /// fails.
 pub async fn run(socket: UdpSocket, config: EncapConfig) -> Result<(), String> {
     let store = Store::new();
-    let tunneling = Arc::new(Tunneling {
-        upstream: Upstream::Client {
+    let upstream = if config.http2 {
+        let host = &config.client.server_name;
+        let authority = if host.contains(':') {
+            format!("[{host}]:{}", config.proxy.port())
+        } else {
+            format!("{host}:{}", config.proxy.port())
+        };
+        let http = ferry_config::UpstreamHttp {
+            protocol: ferry_config::UpstreamProtocol::Http2,
+            tls: ferry_config::UpstreamTls {
+                sni: Some(host.clone()),
+                trusted_ca_pem: config.client.ca_pem.clone(),
+            },
+            plaintext: false,
+        };
+        Upstream::ClientTcp {
+            proxy: config.proxy,
+            authority,
+            pool: crate::upstream_tcp::TcpPool::new("proxy", http, CLIENT_CONNECT_TIMEOUT, &store),
+        }
+    } else {
+        Upstream::Client {
             proxy: config.proxy,
             options: config.client,
             conn: Box::new(Mutex::new(None)),
-        },
+        }
+    };
+    let tunneling = Arc::new(Tunneling {
+        upstream,
         path: config.path,
         headers: Vec::new(),
         target: config.target,
@@ -516,6 +624,11 @@ async fn session(
     shared.up.store(true, Ordering::Release);
     let summary = match opened {
         Opened::H3(tunnel) => relay(peer, tunnel, &mut from_peer, &socket, &t).await,
+        Opened::Tcp {
+            tunnel: Some(tunnel),
+            ..
+        } => relay(peer, *tunnel, &mut from_peer, &socket, &t).await,
+        Opened::Tcp { tunnel: None, .. } => "no tunnel".to_string(),
     };
     tracing::debug!(%peer, "{summary}");
     if t.print {

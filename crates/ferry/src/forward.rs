@@ -51,6 +51,10 @@ pub struct Side<R, S> {
     pub recv: R,
     pub send: S,
     pub quic: Option<QuicSide>,
+    /// The response head still to send on `send` (HTTP/3 client hops): it goes out only
+    /// once the tunnel's datagram routes are registered, so that a datagram the client
+    /// sends as soon as it sees the 2xx is never taken for one of an unknown stream.
+    pub respond: Option<http::Response<()>>,
 }
 
 /// Sends datagrams to one hop.
@@ -246,11 +250,13 @@ where
         recv: mut down_recv,
         send: mut down_send,
         quic: down_quic,
+        respond,
     } = down;
     let Side {
         recv: mut up_recv,
         send: mut up_send,
         quic: up_quic,
+        respond: _,
     } = up;
 
     let (to_up_tx, to_up_rx) = mpsc::channel(CAPSULE_QUEUE);
@@ -289,6 +295,13 @@ where
     // Capsule-only hop -> HTTP/3 hop: convert DATAGRAM capsules.
     let convert_up = (down_quic.is_none() && up_quic.is_some()).then_some(&*toward_up);
     let convert_down = (up_quic.is_none() && down_quic.is_some()).then_some(&*toward_down);
+
+    if let Some(head) = respond {
+        if down_send.respond(head).await.is_err() {
+            up_send.reset(Code::H3_REQUEST_CANCELLED);
+            return End::ClientGone;
+        }
+    }
 
     let client_to_next = pump(
         &mut down_recv,
@@ -390,6 +403,7 @@ pub async fn relay_next_hop<DR: StreamRecv, DS: StreamSend>(
                     stream_id,
                     peer: lease.conn.peer.clone(),
                 }),
+                respond: None,
             };
             let end = relay(down, up, stats, shutdown).await;
             drop(lease);
@@ -402,6 +416,7 @@ pub async fn relay_next_hop<DR: StreamRecv, DS: StreamSend>(
                     recv,
                     send,
                     quic: None,
+                    respond: None,
                 },
                 stats,
                 shutdown,
@@ -721,10 +736,6 @@ pub async fn forward_h3(
     ctx.stats.downstream_cx_upgrades_total.inc();
     let _tunnel_active = crate::stats::GaugeGuard::new(&stats.tunnels_active);
     let _upgrade_active = crate::stats::GaugeGuard::new(&ctx.stats.downstream_cx_upgrades_active);
-    if stream.send_response(down_resp).await.is_err() {
-        crate::accesslog::note(|r| r.tunnel_ended(crate::tunnel::End::ClientGone));
-        return Ok(());
-    }
 
     let down_stream_id = stream.send_id().into_inner();
     let (down_send, down_recv) = stream.split();
@@ -739,6 +750,7 @@ pub async fn forward_h3(
             stream_id: down_stream_id,
             peer,
         }),
+        respond: Some(down_resp),
     };
     let end = relay_next_hop(down, tunnel, &tunnel_stats, shutdown).await;
     crate::accesslog::note(|r| r.tunnel_ended(end));

@@ -21,6 +21,14 @@ pub trait StreamSend: Send {
     fn finish(&mut self) -> impl std::future::Future<Output = ()> + Send;
     /// End the stream with an error, where the version can say so (HTTP/3 RESET_STREAM).
     fn reset(&mut self, code: h3::error::Code);
+    /// Send the response head, where the stream carries one separately from its body
+    /// (HTTP/3 server streams); a byte stream's response went out before it existed.
+    fn respond(
+        &mut self,
+        _head: http::Response<()>,
+    ) -> impl std::future::Future<Output = Result<(), ()>> + Send {
+        async { Ok(()) }
+    }
 }
 
 pub type H3ServerSend = h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
@@ -51,6 +59,9 @@ impl StreamRecv for H3ClientRecv {
 impl StreamSend for H3ServerSend {
     async fn send(&mut self, data: Bytes) -> Result<(), ()> {
         self.send_data(data).await.map_err(|_| ())
+    }
+    async fn respond(&mut self, head: http::Response<()>) -> Result<(), ()> {
+        self.send_response(head).await.map_err(|_| ())
     }
     async fn finish(&mut self) {
         let _ = h3::server::RequestStream::finish(self).await;

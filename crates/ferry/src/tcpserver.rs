@@ -384,6 +384,7 @@ async fn respond(
                     recv,
                     send,
                     quic: None,
+                    respond: None,
                 };
                 let end = crate::forward::relay_next_hop(down, tunnel, &stats, shutdown).await;
                 tracing::debug!(%addr, ?end, "forwarded tunnel closed");

@@ -24,6 +24,7 @@ async fn local_client(proxy: &Proxy, datagrams: bool) -> std::net::SocketAddr {
         path: PATH.into(),
         target: "foo.lyft.com:80".into(),
         idle_timeout: Duration::from_secs(30),
+        http2: false,
     };
     tokio::spawn(encap::run(socket, config));
     addr

@@ -139,10 +139,10 @@ fn build_udp_proxy(
                 &cluster_path,
                 format!("unknown cluster `{cluster}`: no static_resources.clusters[] entry has this name"),
             );
-        } else if !clusters.http3.contains(&cluster) {
+        } else if !clusters.proxies.contains(&cluster) {
             ctx.err(
                 &cluster_path,
-                format!("cluster `{cluster}` is not a CONNECT-UDP proxy Ferry can reach: Ferry tunnels over HTTP/3 for now (typed_extension_protocol_options with explicit_http_config.http3_protocol_options and a QUIC transport_socket); HTTP/2 upstreams come with the HTTP/2 client"),
+                format!("cluster `{cluster}` is not a CONNECT-UDP proxy Ferry can reach: it needs typed_extension_protocol_options with explicit_http_config (http3_protocol_options with a QUIC transport_socket, or http2_protocol_options / http_protocol_options)"),
             );
         }
     }
