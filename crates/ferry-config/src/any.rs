@@ -15,8 +15,9 @@ use std::marker::PhantomData;
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 
 use crate::raw::{
-    DownstreamTlsContext, FileAccessLog, HttpConnectionManager, HttpProtocolOptions,
-    QuicDownstreamTransport, QuicUpstreamTransport, Router, StreamAccessLog,
+    DfpClusterConfig, DfpFilterConfig, DownstreamTlsContext, FileAccessLog, HttpConnectionManager,
+    HttpProtocolOptions, QuicDownstreamTransport, QuicUpstreamTransport, Router, StreamAccessLog,
+    TypedStruct,
 };
 
 /// `@type` of the QUIC downstream transport socket.
@@ -35,6 +36,16 @@ pub const HTTP_PROTOCOL_OPTIONS: &str =
     "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 /// `@type` of the router HTTP filter.
 pub const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
+/// `@type` of the dynamic forward proxy HTTP filter.
+pub const DFP_FILTER: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig";
+/// `@type` of the dynamic forward proxy cluster (a cluster's `cluster_type.typed_config`).
+pub const DFP_CLUSTER: &str =
+    "type.googleapis.com/envoy.extensions.clusters.dynamic_forward_proxy.v3.ClusterConfig";
+/// `@type` of a TypedStruct (how Ferry's own extensions are configured).
+pub const TYPED_STRUCT: &str = "type.googleapis.com/xds.type.v3.TypedStruct";
+/// The older name of [`TYPED_STRUCT`], also accepted by Envoy.
+pub const UDPA_TYPED_STRUCT: &str = "type.googleapis.com/udpa.type.v1.TypedStruct";
 /// `@type` of the file access logger.
 pub const FILE_ACCESS_LOG: &str =
     "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog";
@@ -107,6 +118,8 @@ impl AnySlot for NetworkFilterConfig {
 #[derive(Debug)]
 pub(crate) enum HttpFilterConfig {
     Router(Router),
+    DynamicForwardProxy(DfpFilterConfig),
+    TypedStruct(TypedStruct),
     Other(String),
 }
 
@@ -115,6 +128,8 @@ impl AnySlot for HttpFilterConfig {
     fn from_type<'de, D: Deserializer<'de>>(url: String, rest: D) -> Result<Self, D::Error> {
         Ok(match url.as_str() {
             ROUTER => Self::Router(Router::deserialize(rest)?),
+            DFP_FILTER => Self::DynamicForwardProxy(DfpFilterConfig::deserialize(rest)?),
+            TYPED_STRUCT | UDPA_TYPED_STRUCT => Self::TypedStruct(TypedStruct::deserialize(rest)?),
             _ => {
                 skip(rest)?;
                 Self::Other(url)
@@ -135,6 +150,26 @@ impl AnySlot for UpstreamTransportConfig {
     fn from_type<'de, D: Deserializer<'de>>(url: String, rest: D) -> Result<Self, D::Error> {
         Ok(match url.as_str() {
             QUIC_UPSTREAM_TRANSPORT => Self::Quic(QuicUpstreamTransport::deserialize(rest)?),
+            _ => {
+                skip(rest)?;
+                Self::Other(url)
+            }
+        })
+    }
+}
+
+/// A cluster's `cluster_type.typed_config` (a custom cluster type).
+#[derive(Debug)]
+pub(crate) enum ClusterTypeConfig {
+    DynamicForwardProxy(DfpClusterConfig),
+    Other(String),
+}
+
+impl AnySlot for ClusterTypeConfig {
+    const WHAT: &'static str = "a custom cluster type typed_config";
+    fn from_type<'de, D: Deserializer<'de>>(url: String, rest: D) -> Result<Self, D::Error> {
+        Ok(match url.as_str() {
+            DFP_CLUSTER => Self::DynamicForwardProxy(DfpClusterConfig::deserialize(rest)?),
             _ => {
                 skip(rest)?;
                 Self::Other(url)
@@ -202,7 +237,8 @@ deserialize_via_any_slot!(
     NetworkFilterConfig,
     HttpFilterConfig,
     UpstreamTransportConfig,
-    ProtocolOptionsConfig
+    ProtocolOptionsConfig,
+    ClusterTypeConfig
 );
 
 struct AnyVisitor<T>(PhantomData<T>);

@@ -38,6 +38,8 @@ pub struct ClusterState {
     pub config: Cluster,
     /// HTTP/3 connections to the cluster's hosts, for clusters that are next-hop proxies.
     pub upstream: Option<crate::upstream::UpstreamPool>,
+    /// A dynamic forward proxy cluster's DNS cache (shared by name).
+    pub dns_cache: Option<Arc<crate::dfp::DnsCache>>,
     hosts: ArcSwap<Hosts>,
     next: AtomicUsize,
     /// Becomes true once the first resolution attempt has finished (success or not).
@@ -61,10 +63,12 @@ impl ClusterState {
             ),
             _ => None,
         };
-        let initialized = static_hosts.is_some();
+        let initialized =
+            static_hosts.is_some() || config.discovery == DiscoveryType::DynamicForwardProxy;
         Arc::new(ClusterState {
             config,
             upstream: None,
+            dns_cache: None,
             hosts: ArcSwap::from_pointee(Hosts {
                 addrs: static_hosts.unwrap_or_default(),
                 dns_error: None,
@@ -146,7 +150,7 @@ impl ClusterState {
 }
 
 /// Resolve `name:port` with the system resolver, keeping the addresses the family allows.
-async fn resolve(
+pub(crate) async fn resolve(
     name: &str,
     port: u16,
     family: DnsLookupFamily,
@@ -197,24 +201,39 @@ fn filter_family(all: Vec<SocketAddr>, family: DnsLookupFamily) -> Result<Vec<So
 #[derive(Default)]
 pub struct ClusterManager {
     clusters: HashMap<String, Arc<ClusterState>>,
+    /// The DNS caches of dynamic forward proxy clusters, by cache name.
+    dns_caches: HashMap<String, Arc<crate::dfp::DnsCache>>,
+    /// The proxy's own addresses, which dynamic targets may never be.
+    pub own_addrs: Arc<crate::policy::OwnAddrs>,
 }
 
 impl ClusterManager {
     pub fn new(configs: &[Cluster], store: &Arc<crate::stats::Store>) -> Self {
+        let mut dns_caches: HashMap<String, Arc<crate::dfp::DnsCache>> = HashMap::new();
+        let clusters = configs
+            .iter()
+            .map(|c| {
+                let upstream = c.upstream.clone().map(|u| {
+                    crate::upstream::UpstreamPool::new(&c.name, u, c.connect_timeout, store)
+                });
+                let dns_cache = c.dns_cache.as_ref().map(|d| {
+                    dns_caches
+                        .entry(d.name.clone())
+                        .or_insert_with(|| Arc::new(crate::dfp::DnsCache::new(d.clone(), store)))
+                        .clone()
+                });
+                let mut state = ClusterState::new(c.clone());
+                if let Some(s) = Arc::get_mut(&mut state) {
+                    s.upstream = upstream;
+                    s.dns_cache = dns_cache;
+                }
+                (c.name.clone(), state)
+            })
+            .collect();
         ClusterManager {
-            clusters: configs
-                .iter()
-                .map(|c| {
-                    let upstream = c.upstream.clone().map(|u| {
-                        crate::upstream::UpstreamPool::new(&c.name, u, c.connect_timeout, store)
-                    });
-                    let mut state = ClusterState::new(c.clone());
-                    if let Some(s) = Arc::get_mut(&mut state) {
-                        s.upstream = upstream;
-                    }
-                    (c.name.clone(), state)
-                })
-                .collect(),
+            clusters,
+            dns_caches,
+            own_addrs: Default::default(),
         }
     }
 
@@ -228,8 +247,24 @@ impl ClusterManager {
 
     /// Start the DNS refresh tasks; they stop when `shutdown` fires.
     pub fn start(&self, shutdown: &crate::shutdown::Shutdown) {
+        for cache in self.dns_caches.values() {
+            let cache = cache.clone();
+            let mut stop = shutdown.subscribe();
+            let every = cache.config.host_ttl.max(std::time::Duration::from_secs(1));
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(every) => cache.sweep(),
+                        _ = stop.wait() => return,
+                    }
+                }
+            });
+        }
         for state in self.clusters.values() {
-            if state.config.discovery == DiscoveryType::Static {
+            if matches!(
+                state.config.discovery,
+                DiscoveryType::Static | DiscoveryType::DynamicForwardProxy
+            ) {
                 continue;
             }
             let state = state.clone();
@@ -308,6 +343,7 @@ mod tests {
             dns_refresh_rate: std::time::Duration::from_secs(5),
             connect_timeout: std::time::Duration::from_secs(5),
             upstream: None,
+            dns_cache: None,
             endpoints: endpoints
                 .iter()
                 .map(|(a, p)| Endpoint {
