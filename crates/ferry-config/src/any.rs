@@ -15,9 +15,9 @@ use std::marker::PhantomData;
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 
 use crate::raw::{
-    DfpClusterConfig, DfpFilterConfig, DownstreamTlsContext, FileAccessLog, HttpConnectionManager,
-    HttpProtocolOptions, QuicDownstreamTransport, QuicUpstreamTransport, Router, StreamAccessLog,
-    TypedStruct,
+    CaresDnsResolverConfig, DfpClusterConfig, DfpFilterConfig, DownstreamTlsContext, FileAccessLog,
+    HttpConnectionManager, HttpProtocolOptions, QuicDownstreamTransport, QuicUpstreamTransport,
+    Router, StreamAccessLog, TypedStruct,
 };
 
 /// `@type` of the QUIC downstream transport socket.
@@ -42,6 +42,9 @@ pub const DFP_FILTER: &str =
 /// `@type` of the dynamic forward proxy cluster (a cluster's `cluster_type.typed_config`).
 pub const DFP_CLUSTER: &str =
     "type.googleapis.com/envoy.extensions.clusters.dynamic_forward_proxy.v3.ClusterConfig";
+/// `@type` of the c-ares DNS resolver (a DNS cache's `typed_dns_resolver_config`).
+pub const CARES_DNS_RESOLVER: &str =
+    "type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig";
 /// `@type` of a TypedStruct (how Ferry's own extensions are configured).
 pub const TYPED_STRUCT: &str = "type.googleapis.com/xds.type.v3.TypedStruct";
 /// The older name of [`TYPED_STRUCT`], also accepted by Envoy.
@@ -178,6 +181,26 @@ impl AnySlot for ClusterTypeConfig {
     }
 }
 
+/// A DNS cache's `typed_dns_resolver_config.typed_config`.
+#[derive(Debug)]
+pub(crate) enum DnsResolverConfig {
+    Cares(CaresDnsResolverConfig),
+    Other(String),
+}
+
+impl AnySlot for DnsResolverConfig {
+    const WHAT: &'static str = "a DNS resolver typed_config";
+    fn from_type<'de, D: Deserializer<'de>>(url: String, rest: D) -> Result<Self, D::Error> {
+        Ok(match url.as_str() {
+            CARES_DNS_RESOLVER => Self::Cares(CaresDnsResolverConfig::deserialize(rest)?),
+            _ => {
+                skip(rest)?;
+                Self::Other(url)
+            }
+        })
+    }
+}
+
 /// A cluster's `typed_extension_protocol_options` value.
 #[derive(Debug)]
 pub(crate) enum ProtocolOptionsConfig {
@@ -238,7 +261,8 @@ deserialize_via_any_slot!(
     HttpFilterConfig,
     UpstreamTransportConfig,
     ProtocolOptionsConfig,
-    ClusterTypeConfig
+    ClusterTypeConfig,
+    DnsResolverConfig
 );
 
 struct AnyVisitor<T>(PhantomData<T>);

@@ -121,6 +121,9 @@ pub struct DnsCacheConfig {
     pub host_ttl: Duration,
     /// `max_hosts` (Envoy's default 1024): the bound on cached names.
     pub max_hosts: u32,
+    /// `typed_dns_resolver_config` (`envoy.network.dns_resolver.cares`) `resolvers`: the
+    /// DNS servers to ask, in order. Empty: the system resolver (which reads /etc/hosts).
+    pub resolvers: Vec<SocketAddr>,
 }
 
 /// Ferry's destination policy for dynamic targets (`ferry.filters.http.destination_policy`).

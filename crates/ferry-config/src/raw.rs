@@ -15,8 +15,8 @@ use std::fmt;
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 
 pub(crate) use crate::any::{
-    AccessLoggerConfig, ClusterTypeConfig, DownstreamTransportConfig, HttpFilterConfig,
-    NetworkFilterConfig, ProtocolOptionsConfig, UpstreamTransportConfig,
+    AccessLoggerConfig, ClusterTypeConfig, DnsResolverConfig, DownstreamTransportConfig,
+    HttpFilterConfig, NetworkFilterConfig, ProtocolOptionsConfig, UpstreamTransportConfig,
 };
 
 /// Any value at all: the value of an Envoy field Ferry does not implement. Only its
@@ -529,11 +529,33 @@ envoy_message! {
         dns_refresh_rate: Option<RawDuration>,
         host_ttl: Option<RawDuration>,
         max_hosts: Option<PortValue>,
+        typed_dns_resolver_config: Option<TypedDnsResolverConfig>,
     }
     unsupported [
         dns_min_refresh_rate, dns_failure_refresh_rate, dns_cache_circuit_breaker,
-        use_tcp_for_dns_lookups, dns_resolution_config, typed_dns_resolver_config,
+        use_tcp_for_dns_lookups, dns_resolution_config,
         preresolve_hostnames, dns_query_timeout, key_value_config, disable_dns_refresh_on_failure,
+    ]
+}
+
+envoy_message! {
+    /// `envoy.config.core.v3.TypedExtensionConfig` as a DNS resolver.
+    struct TypedDnsResolverConfig {
+        name: Option<String>,
+        typed_config: Option<DnsResolverConfig>,
+    }
+    unsupported []
+}
+
+envoy_message! {
+    /// `envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig`.
+    struct CaresDnsResolverConfig {
+        resolvers: Vec<Address>,
+    }
+    unsupported [
+        use_resolvers_as_fallback, filter_unroutable_families, dns_resolver_options,
+        udp_max_queries, query_timeout_seconds, query_tries, rotate_nameservers,
+        edns0_max_payload_size, max_udp_channel_duration, reinit_channel_on_timeout,
     ]
 }
 

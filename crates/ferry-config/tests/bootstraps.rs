@@ -212,6 +212,7 @@ fn dynamic_targets_h3_builds_a_dynamic_forward_proxy() {
         dns_refresh_rate: Duration::from_secs(60),
         host_ttl: Duration::from_secs(300),
         max_hosts: 1024,
+        resolvers: vec![],
     };
     let cluster = &bootstrap.clusters[0];
     assert_eq!(cluster.discovery, DiscoveryType::DynamicForwardProxy);
@@ -410,5 +411,24 @@ fn every_reference_bootstrap_is_covered() {
             "terminate-h3.yaml.in",
             "terminate-tcp-h2-h1.yaml.in"
         ]
+    );
+}
+
+#[test]
+fn unimplemented_dynamic_forward_proxy_fields_are_named() {
+    let (text, _, _) = bootstrap("dynamic-targets-h3.yaml.in");
+    let text = edit(
+        &text,
+        "                dns_lookup_family: V4_ONLY\n",
+        "                dns_lookup_family: V4_ONLY\n                dns_min_refresh_rate: 5s\n              save_upstream_address: true\n",
+    );
+    let errs = load_yaml(&text).unwrap_err();
+    let f = format!("{HCM}.http_filters[0].typed_config");
+    assert_only_not_supported(
+        &errs,
+        &[
+            &format!("{f}.dns_cache_config.dns_min_refresh_rate"),
+            &format!("{f}.save_upstream_address"),
+        ],
     );
 }

@@ -268,13 +268,31 @@ fn family_name(f: DnsLookupFamily) -> &'static str {
 }
 
 fn dns_cache(d: &ferry_config::DnsCacheConfig) -> Value {
-    json!({
+    let mut v = json!({
         "name": d.name,
         "dns_lookup_family": family_name(d.dns_lookup_family),
         "dns_refresh_rate": duration(d.dns_refresh_rate),
         "host_ttl": duration(d.host_ttl),
         "max_hosts": d.max_hosts,
-    })
+    });
+    if let (false, Some(m)) = (d.resolvers.is_empty(), v.as_object_mut()) {
+        let resolvers: Vec<Value> = d
+            .resolvers
+            .iter()
+            .map(|r| socket_address(r.ip(), r.port(), None))
+            .collect();
+        m.insert(
+            "typed_dns_resolver_config".into(),
+            json!({
+                "name": "envoy.network.dns_resolver.cares",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig",
+                    "resolvers": resolvers,
+                },
+            }),
+        );
+    }
+    v
 }
 
 fn destination_policy(p: &ferry_config::DestinationPolicy) -> Value {

@@ -55,12 +55,15 @@ impl DnsCacheStats {
     }
 }
 
-type Answer = Result<Arc<[IpAddr]>, String>;
+/// Addresses, or why there are none (with the DNS rcode when a server gave one).
+type Answer = Result<Arc<[IpAddr]>, crate::dns_client::Failure>;
 
 /// One cached name: its answer once resolved, and when it was last used.
 struct Slot {
     answer: tokio::sync::OnceCell<Answer>,
-    resolved_at: OnceLock<Instant>,
+    /// When the answer stops being fresh: `dns_refresh_rate` after it arrived, or sooner
+    /// when the DNS server's TTL says so.
+    fresh_until: OnceLock<Instant>,
     last_used: Mutex<Instant>,
 }
 
@@ -68,7 +71,7 @@ impl Slot {
     fn new(now: Instant) -> Arc<Self> {
         Arc::new(Slot {
             answer: tokio::sync::OnceCell::new(),
-            resolved_at: OnceLock::new(),
+            fresh_until: OnceLock::new(),
             last_used: Mutex::new(now),
         })
     }
@@ -111,35 +114,71 @@ impl DnsCache {
             .answer
             .get_or_init(|| async {
                 self.stats.dns_query_attempt.inc();
-                let r = match tokio::time::timeout(
-                    QUERY_TIMEOUT,
-                    crate::cluster::resolve(host, 0, self.config.dns_lookup_family),
-                )
-                .await
-                {
-                    Ok(Ok(addrs)) => {
-                        self.stats.dns_query_success.inc();
-                        Ok(addrs.iter().map(|a| a.ip()).collect::<Arc<[IpAddr]>>())
-                    }
-                    Ok(Err(e)) => {
-                        self.stats.dns_query_failure.inc();
-                        Err(e)
-                    }
-                    Err(_) => {
-                        self.stats.dns_query_timeout.inc();
-                        Err(format!("no answer within {}s", QUERY_TIMEOUT.as_secs()))
-                    }
-                };
-                let _ = slot.resolved_at.set(Instant::now());
+                let (r, fresh_for) = self.query(host).await;
+                let _ = slot.fresh_until.set(Instant::now() + fresh_for);
                 r
             })
             .await
             .clone();
-        if answer.is_err() {
-            // Failures are not cached: the next request asks again.
-            self.remove_if_same(host, &slot);
+        match answer {
+            Ok(addrs) => Ok(addrs),
+            Err(f) => {
+                // Failures are not cached: the next request asks again.
+                self.remove_if_same(host, &slot);
+                let mut r = reject(503, Some("dns_error"), format!("{host}: {}", f.message));
+                r.rcode = f.rcode;
+                Err(r)
+            }
         }
-        answer.map_err(|e| reject(503, Some("dns_error"), format!("{host}: {e}")))
+    }
+
+    /// One resolution: through the configured DNS servers (rcode and TTL known) or the
+    /// system resolver. Returns the answer and how long it stays fresh.
+    async fn query(&self, host: &str) -> (Answer, Duration) {
+        let refresh = self.config.dns_refresh_rate;
+        let family = self.config.dns_lookup_family;
+        let result = if self.config.resolvers.is_empty() {
+            match tokio::time::timeout(QUERY_TIMEOUT, crate::cluster::resolve(host, 0, family))
+                .await
+            {
+                Ok(Ok(addrs)) => Ok((addrs.iter().map(|a| a.ip()).collect(), refresh)),
+                Ok(Err(e)) => Err(Some(crate::dns_client::Failure {
+                    message: e,
+                    rcode: None,
+                })),
+                Err(_) => Err(None),
+            }
+        } else {
+            match tokio::time::timeout(
+                QUERY_TIMEOUT,
+                crate::dns_client::resolve(&self.config.resolvers, host, family, QUERY_TIMEOUT),
+            )
+            .await
+            {
+                Ok(Ok(a)) => Ok((a.addrs.into(), a.ttl.min(refresh))),
+                Ok(Err(f)) if f.message.starts_with("no answer") => Err(None),
+                Ok(Err(f)) => Err(Some(f)),
+                Err(_) => Err(None),
+            }
+        };
+        match result {
+            Ok((addrs, fresh)) => {
+                self.stats.dns_query_success.inc();
+                (Ok(addrs), fresh)
+            }
+            Err(Some(f)) => {
+                self.stats.dns_query_failure.inc();
+                (Err(f), Duration::ZERO)
+            }
+            Err(None) => {
+                self.stats.dns_query_timeout.inc();
+                let f = crate::dns_client::Failure {
+                    message: format!("no answer within {}s", QUERY_TIMEOUT.as_secs()),
+                    rcode: None,
+                };
+                (Err(f), Duration::ZERO)
+            }
+        }
     }
 
     /// The live slot for `host`, made (and the cache bounded) if needed.
@@ -149,10 +188,7 @@ impl DnsCache {
             .lock()
             .map_err(|_| reject(503, Some("dns_error"), "DNS cache unavailable"))?;
         if let Some(slot) = entries.get(host) {
-            let stale = slot
-                .resolved_at
-                .get()
-                .is_some_and(|t| now.duration_since(*t) >= self.config.dns_refresh_rate);
+            let stale = slot.fresh_until.get().is_some_and(|t| now >= *t);
             if !stale {
                 slot.touch(now);
                 return Ok(slot.clone());

@@ -13,6 +13,7 @@ pub mod config_dump;
 pub mod decide;
 pub mod demux;
 pub mod dfp;
+pub mod dns_client;
 pub mod encap;
 pub mod forward;
 pub mod h3server;

@@ -262,3 +262,80 @@ async fn the_dns_cache_is_bounded_by_max_hosts() {
     echo_through(&proxy, "127.0.0.1", &target, 3).await;
     assert_eq!(proxy.stat(&format!("{CACHE}dns_query_attempt")), 1);
 }
+
+/// The DNS cache asks a given DNS server (`typed_dns_resolver_config`, c-ares `resolvers`).
+fn resolver_config(server: SocketAddr) -> String {
+    format!(
+        r#"                typed_dns_resolver_config:
+                  name: envoy.network.dns_resolver.cares
+                  typed_config:
+                    "@type": type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig
+                    resolvers:
+                    - socket_address: {{ address: {}, port_value: {} }}
+"#,
+        server.ip(),
+        server.port()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_served_by_a_dns_server_with_rcodes_and_ttls() {
+    let target = EchoTarget::start().await;
+    let dns = support::dns::DnsServer::start(vec![
+        ("echo.test", vec!["127.0.0.1".parse().unwrap()], 300),
+        ("short.test", vec!["127.0.0.1".parse().unwrap()], 0),
+        ("rebind.test", vec!["169.254.169.254".parse().unwrap()], 300),
+        ("v6only.test", vec!["2001:db8::1".parse().unwrap()], 300),
+    ])
+    .await;
+    let cert = test_cert();
+    let policy = format!(
+        "                allow:\n                - {{ cidr: 127.0.0.1/32, ports: \"{}\" }}\n",
+        target.addr.port()
+    );
+    let proxy = Proxy::start(
+        &dfp_yaml(&cert, Some(&policy), &resolver_config(dns.addr)),
+        cert,
+    )
+    .await;
+
+    // Resolved by the server (A and AAAA asked, family ALL), then from the cache (TTL 300).
+    echo_through(&proxy, "echo.test", &target, 1).await;
+    echo_through(&proxy, "echo.test", &target, 2).await;
+    assert_eq!(dns.queries("echo.test"), 2, "one A and one AAAA query");
+    // TTL 0: every request asks again.
+    echo_through(&proxy, "short.test", &target, 3).await;
+    echo_through(&proxy, "short.test", &target, 4).await;
+    assert_eq!(dns.queries("short.test"), 4);
+
+    // NXDOMAIN and SERVFAIL: 503 dns_error with the rcode.
+    let (status, ps) = status_of(&proxy, "missing.test", 9000).await;
+    assert_eq!(status, 503);
+    assert!(
+        ps.starts_with("ferry; error=dns_error; rcode=\"NXDOMAIN\""),
+        "{ps}"
+    );
+    let (status, ps) = status_of(&proxy, "servfail.test", 9000).await;
+    assert_eq!(status, 503);
+    assert!(ps.contains("rcode=\"SERVFAIL\""), "{ps}");
+
+    // A name that resolves to a refused address.
+    let (status, ps) = status_of(&proxy, "rebind.test", 9000).await;
+    assert_eq!(status, 403);
+    assert!(
+        ps.contains("rebind.test resolves to 169.254.169.254:9000"),
+        "{ps}"
+    );
+    // An IPv6 answer (documentation prefix: allowed by policy; the socket connects).
+    let (status, ps) = status_of(&proxy, "v6only.test", 9000).await;
+    // (200, or 503 destination_unavailable where this host has no IPv6 route: either way
+    // the name resolved.)
+    assert!(
+        status == 200 || (status == 503 && ps.contains("destination_unavailable")),
+        "{status} {ps}"
+    );
+    assert_eq!(dns.queries("v6only.test"), 2);
+
+    assert_eq!(proxy.stat(&format!("{CACHE}dns_query_failure")), 2);
+    assert_eq!(proxy.stat(&format!("{CU}tunnels_rejected_dns_error")), 2);
+}

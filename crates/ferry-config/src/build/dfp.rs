@@ -1,12 +1,13 @@
 //! The dynamic forward proxy (`dns_cache_config`, shared by the HTTP filter and the
 //! cluster) and Ferry's destination policy filter.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use super::{Ctx, P};
+use crate::any::CARES_DNS_RESOLVER;
 use crate::model;
-use crate::raw::{self, PortValue};
+use crate::raw::{self, DnsResolverConfig, PortValue};
 
 /// The name of Ferry's destination policy HTTP filter.
 pub const DESTINATION_POLICY_NAME: &str = "ferry.filters.http.destination_policy";
@@ -54,13 +55,79 @@ pub(super) fn build_dns_cache(
             DEFAULT_MAX_HOSTS
         }
     };
+    let resolvers = match &c.typed_dns_resolver_config {
+        Some(r) => dns_resolvers(ctx, &p.f("typed_dns_resolver_config"), r),
+        None => Vec::new(),
+    };
     Some(model::DnsCacheConfig {
         name,
         dns_lookup_family,
         dns_refresh_rate,
         host_ttl,
         max_hosts,
+        resolvers,
     })
+}
+
+const CARES_NAME: &str = "envoy.network.dns_resolver.cares";
+
+/// `typed_dns_resolver_config`: c-ares with its `resolvers` (IP literal addresses).
+fn dns_resolvers(ctx: &mut Ctx, p: &P, r: &raw::TypedDnsResolverConfig) -> Vec<SocketAddr> {
+    ctx.unsupported(p, r.unsupported_fields());
+    let cp = p.f("typed_config");
+    let cares = match &r.typed_config {
+        Some(DnsResolverConfig::Cares(c)) => c,
+        Some(DnsResolverConfig::Other(url)) => {
+            ctx.err(
+                &cp.f("@type"),
+                format!("DNS resolver `{url}` is not supported by Ferry (yet); supported: `{CARES_DNS_RESOLVER}`"),
+            );
+            return Vec::new();
+        }
+        None => {
+            ctx.err(&cp, format!("is required: `{CARES_DNS_RESOLVER}`"));
+            return Vec::new();
+        }
+    };
+    super::check_name(
+        ctx,
+        &p.f("name"),
+        r.name.as_deref().unwrap_or(""),
+        CARES_NAME,
+    );
+    ctx.unsupported(&cp, cares.unsupported_fields());
+    let rp = cp.f("resolvers");
+    if cares.resolvers.is_empty() {
+        ctx.err(&rp, "is required: the DNS servers to ask (without them, leave typed_dns_resolver_config out to use the system resolver)");
+    }
+    let mut out = Vec::new();
+    for (i, a) in cares.resolvers.iter().enumerate() {
+        let ap = rp.i(i);
+        ctx.unsupported(&ap, a.unsupported_fields());
+        let Some(sa) = &a.socket_address else {
+            ctx.err(&ap.f("socket_address"), "is required");
+            continue;
+        };
+        let sp = ap.f("socket_address");
+        ctx.unsupported(&sp, sa.unsupported_fields());
+        let ip = match sa.address.as_deref().map(str::parse::<IpAddr>) {
+            Some(Ok(ip)) => ip,
+            _ => {
+                ctx.err(&sp.f("address"), "must be an IP address (a DNS server)");
+                continue;
+            }
+        };
+        let port = match &sa.port_value {
+            None => 53,
+            Some(PortValue::Number(n)) if (1..=65535).contains(n) => *n as u16,
+            Some(_) => {
+                ctx.err(&sp.f("port_value"), "must be 1..=65535");
+                continue;
+            }
+        };
+        out.push(SocketAddr::new(ip, port));
+    }
+    out
 }
 
 /// A route to a dynamic forward proxy cluster needs the HCM's dynamic forward proxy
