@@ -253,7 +253,11 @@ class ProxyProcess:
         if status != 200:
             return False
         clusters = json.loads(body).get("cluster_statuses", [])
-        return bool(clusters) and all(c.get("host_statuses") for c in clusters)
+        # A dynamic forward proxy cluster has no hosts until a request names one; the
+        # bootstraps here name such clusters `dynamic_forward_proxy*`.
+        return bool(clusters) and all(
+            c.get("host_statuses") or c.get("name", "").startswith("dynamic_forward_proxy")
+            for c in clusters)
 
     def _check_alive(self) -> bool:
         if not self.alive():

@@ -4,8 +4,8 @@
             --CONNECT-UDP--> terminator (Ferry or Envoy) --udp--> target
 
 - Ferry's udp_proxy over HTTP/3 to an Envoy 1.40 terminator and to a Ferry terminator.
-- Envoy 1.40's udp_proxy (HTTP/2, TLS) to a Ferry terminator on a TCP listener; Ferry
-  refuses that bootstrap itself for now (no HTTP/2 upstream client yet), naming the field.
+- Envoy's udp_proxy bootstrap over HTTP/2 (TLS) run by Envoy 1.40 and by Ferry, to Ferry
+  and Envoy terminators on TCP listeners.
 - Real protocols through the tunnel: DNS (dnspython's client, dnsmasq's server) and QUIC
   inside QUIC (an aioquic HTTP/3 client and server; the inner packets are 1,200 bytes).
 """
@@ -80,36 +80,31 @@ def test_ferry_udp_proxy_h3_to_terminator(spawn_proxy, terminator_impl):
         target.close()
 
 
-def test_envoy_udp_proxy_h2_to_ferry_terminator(spawn_proxy):
-    """Envoy 1.40's udp_proxy tunneling (HTTP/2 with TLS, capsules) to Ferry terminating
-    CONNECT-UDP over HTTP/2 on a TCP listener."""
+@pytest.mark.parametrize("udp_impl,term_impl", [
+    pytest.param("envoy", "ferry", id="envoy-udp-proxy-to-ferry"),
+    pytest.param("ferry", "ferry", id="ferry-udp-proxy-to-ferry"),
+    pytest.param("ferry", "envoy", id="ferry-udp-proxy-to-envoy"),
+])
+def test_udp_proxy_h2_to_terminator(spawn_proxy, udp_impl, term_impl):
+    """Envoy's own udp_proxy tunneling bootstrap (HTTP/2 with TLS, capsules), run by Envoy
+    1.40 or by Ferry, to a terminator (Ferry or Envoy) on a TCP listener. Three local peers
+    get a session each, multiplexed on one HTTP/2 connection."""
     target = UdpTarget()
     try:
-        term = spawn_proxy("ferry", "ferry-terminator", "terminate-tcp-h2-h1.yaml.in",
+        term = spawn_proxy(term_impl, f"{term_impl}-terminator", "terminate-tcp-h2-h1.yaml.in",
                            ECHO_PORT=target.port)
-        envoy = udp_proxy_to(spawn_proxy, "envoy", term, target.port, "udp-proxy-h2.yaml.in")
+        udp = udp_proxy_to(spawn_proxy, udp_impl, term, target.port, "udp-proxy-h2.yaml.in")
         for i in range(3):
             payload = bytes([0xb1, i]) * 5
-            assert exchange(envoy, payload) == payload, f"{envoy.log_tail()}\n{term.log_tail()}"
-        assert term.counter("http.ingress_tcp.connect_udp.tunnels_total") == 3
-        assert term.counter("http.ingress_tcp.downstream_cx_http2_total") == 1
-        assert envoy.counter("cluster.masque_proxy.udp.sess_tunnel_success") == 3
+            assert exchange(udp, payload) == payload, f"{udp.log_tail()}\n{term.log_tail()}"
+        assert len(target.payloads()) == 3
+        if term_impl == "ferry":
+            assert term.counter("http.ingress_tcp.connect_udp.tunnels_total") == 3
+            assert term.counter("http.ingress_tcp.downstream_cx_http2_total") == 1
+        assert udp.counter("cluster.masque_proxy.udp.sess_tunnel_success") == 3
+        assert udp.counter("cluster.masque_proxy.upstream_cx_total") == 1
     finally:
         target.close()
-
-
-def test_ferry_refuses_an_http2_udp_proxy_cluster_by_name(tmp_path):
-    """Until the HTTP/2 upstream client lands, Ferry refuses the HTTP/2 tunneling bootstrap
-    at load, naming the field (not a silent failure at run time)."""
-    cfg = render_bootstrap("udp-proxy-h2.yaml.in", tmp_path / "h2.yaml", NEXT_HOP_PORT=4433,
-                           TARGET_HOST="localhost", TARGET_PORT=9000)
-    out = subprocess.run([str(FERRY_BIN), "--mode", "validate", "-c", str(cfg)],
-                         capture_output=True, text=True, timeout=30)
-    assert out.returncode == 1, out.stdout + out.stderr
-    text = out.stdout + out.stderr
-    assert ("static_resources.clusters[0].typed_extension_protocol_options."
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.explicit_http_config."
-            "http2_protocol_options") in text, text
 
 
 # --------------------------------------------------------------------------- real protocols

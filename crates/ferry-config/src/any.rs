@@ -15,9 +15,10 @@ use std::marker::PhantomData;
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 
 use crate::raw::{
-    DownstreamTlsContext, FileAccessLog, HttpCapsuleFilterConfig, HttpConnectionManager,
-    HttpProtocolOptions, QuicDownstreamTransport, QuicUpstreamTransport, Router, StreamAccessLog,
-    UdpProxyConfig, UdpRoute, UpstreamTlsContext,
+    CaresDnsResolverConfig, DfpClusterConfig, DfpFilterConfig, DownstreamTlsContext, FileAccessLog,
+    HttpCapsuleFilterConfig, HttpConnectionManager, HttpProtocolOptions, QuicDownstreamTransport,
+    QuicUpstreamTransport, Router, StreamAccessLog, TypedStruct, UdpProxyConfig, UdpRoute,
+    UpstreamTlsContext,
 };
 
 /// `@type` of the QUIC downstream transport socket.
@@ -38,6 +39,19 @@ pub const HTTP_PROTOCOL_OPTIONS: &str =
     "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 /// `@type` of the router HTTP filter.
 pub const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
+/// `@type` of the dynamic forward proxy HTTP filter.
+pub const DFP_FILTER: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig";
+/// `@type` of the dynamic forward proxy cluster (a cluster's `cluster_type.typed_config`).
+pub const DFP_CLUSTER: &str =
+    "type.googleapis.com/envoy.extensions.clusters.dynamic_forward_proxy.v3.ClusterConfig";
+/// `@type` of the c-ares DNS resolver (a DNS cache's `typed_dns_resolver_config`).
+pub const CARES_DNS_RESOLVER: &str =
+    "type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig";
+/// `@type` of a TypedStruct (how Ferry's own extensions are configured).
+pub const TYPED_STRUCT: &str = "type.googleapis.com/xds.type.v3.TypedStruct";
+/// The older name of [`TYPED_STRUCT`], also accepted by Envoy.
+pub const UDPA_TYPED_STRUCT: &str = "type.googleapis.com/udpa.type.v1.TypedStruct";
 /// `@type` of the file access logger.
 pub const FILE_ACCESS_LOG: &str =
     "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog";
@@ -119,6 +133,8 @@ impl AnySlot for NetworkFilterConfig {
 #[derive(Debug)]
 pub(crate) enum HttpFilterConfig {
     Router(Router),
+    DynamicForwardProxy(DfpFilterConfig),
+    TypedStruct(TypedStruct),
     Other(String),
 }
 
@@ -127,6 +143,8 @@ impl AnySlot for HttpFilterConfig {
     fn from_type<'de, D: Deserializer<'de>>(url: String, rest: D) -> Result<Self, D::Error> {
         Ok(match url.as_str() {
             ROUTER => Self::Router(Router::deserialize(rest)?),
+            DFP_FILTER => Self::DynamicForwardProxy(DfpFilterConfig::deserialize(rest)?),
+            TYPED_STRUCT | UDPA_TYPED_STRUCT => Self::TypedStruct(TypedStruct::deserialize(rest)?),
             _ => {
                 skip(rest)?;
                 Self::Other(url)
@@ -149,6 +167,46 @@ impl AnySlot for UpstreamTransportConfig {
         Ok(match url.as_str() {
             QUIC_UPSTREAM_TRANSPORT => Self::Quic(QuicUpstreamTransport::deserialize(rest)?),
             UPSTREAM_TLS_CONTEXT => Self::Tls(UpstreamTlsContext::deserialize(rest)?),
+            _ => {
+                skip(rest)?;
+                Self::Other(url)
+            }
+        })
+    }
+}
+
+/// A cluster's `cluster_type.typed_config` (a custom cluster type).
+#[derive(Debug)]
+pub(crate) enum ClusterTypeConfig {
+    DynamicForwardProxy(DfpClusterConfig),
+    Other(String),
+}
+
+impl AnySlot for ClusterTypeConfig {
+    const WHAT: &'static str = "a custom cluster type typed_config";
+    fn from_type<'de, D: Deserializer<'de>>(url: String, rest: D) -> Result<Self, D::Error> {
+        Ok(match url.as_str() {
+            DFP_CLUSTER => Self::DynamicForwardProxy(DfpClusterConfig::deserialize(rest)?),
+            _ => {
+                skip(rest)?;
+                Self::Other(url)
+            }
+        })
+    }
+}
+
+/// A DNS cache's `typed_dns_resolver_config.typed_config`.
+#[derive(Debug)]
+pub(crate) enum DnsResolverConfig {
+    Cares(CaresDnsResolverConfig),
+    Other(String),
+}
+
+impl AnySlot for DnsResolverConfig {
+    const WHAT: &'static str = "a DNS resolver typed_config";
+    fn from_type<'de, D: Deserializer<'de>>(url: String, rest: D) -> Result<Self, D::Error> {
+        Ok(match url.as_str() {
+            CARES_DNS_RESOLVER => Self::Cares(CaresDnsResolverConfig::deserialize(rest)?),
             _ => {
                 skip(rest)?;
                 Self::Other(url)
@@ -281,7 +339,9 @@ deserialize_via_any_slot!(
     ProtocolOptionsConfig,
     ListenerFilterConfig,
     MatchActionConfig,
-    SessionFilterConfig
+    SessionFilterConfig,
+    ClusterTypeConfig,
+    DnsResolverConfig
 );
 
 struct AnyVisitor<T>(PhantomData<T>);

@@ -9,26 +9,32 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use crate::any::{
-    DOWNSTREAM_TLS_CONTEXT, HTTP_CONNECTION_MANAGER, HTTP_PROTOCOL_OPTIONS,
-    QUIC_DOWNSTREAM_TRANSPORT, QUIC_UPSTREAM_TRANSPORT, ROUTER, UPSTREAM_TLS_CONTEXT,
+    DFP_CLUSTER, DFP_FILTER, DOWNSTREAM_TLS_CONTEXT, HTTP_CONNECTION_MANAGER,
+    HTTP_PROTOCOL_OPTIONS, QUIC_DOWNSTREAM_TRANSPORT, QUIC_UPSTREAM_TRANSPORT, ROUTER,
+    UPSTREAM_TLS_CONTEXT,
 };
 use crate::datasource::{decode_base64, PemKind};
 use crate::duration::{duration_from_parts, parse_duration};
 use crate::error::ConfigError;
 use crate::model;
 use crate::raw::{
-    self, DownstreamTransportConfig, HttpFilterConfig, NetworkFilterConfig, ProtocolOptionsConfig,
-    RawDuration, UpstreamTransportConfig,
+    self, ClusterTypeConfig, DownstreamTransportConfig, HttpFilterConfig, NetworkFilterConfig,
+    ProtocolOptionsConfig, RawDuration, UpstreamTransportConfig,
 };
 
 mod accesslog;
+mod dfp;
 mod udp_proxy;
+
+pub use dfp::{DESTINATION_POLICY_NAME, DESTINATION_POLICY_TYPE_URL};
 
 /// The message for a known Envoy field that Ferry does not implement.
 pub const NOT_SUPPORTED: &str = "Envoy field not supported by Ferry (yet)";
 
 const HCM_NAME: &str = "envoy.filters.network.http_connection_manager";
 const ROUTER_NAME: &str = "envoy.filters.http.router";
+const DFP_FILTER_NAME: &str = "envoy.filters.http.dynamic_forward_proxy";
+const DFP_CLUSTER_NAME: &str = "envoy.clusters.dynamic_forward_proxy";
 const QUIC_NAME: &str = "envoy.transport_sockets.quic";
 const TLS_NAME: &str = "envoy.transport_sockets.tls";
 
@@ -63,6 +69,9 @@ impl P {
 #[derive(Default)]
 struct Ctx {
     errors: Vec<ConfigError>,
+    /// The dynamic forward proxy clusters' DNS caches, by cluster name (known once the
+    /// clusters are built, before the listeners).
+    dfp_clusters: HashMap<String, model::DnsCacheConfig>,
 }
 
 impl Ctx {
@@ -149,6 +158,10 @@ pub(crate) fn build(raw: &raw::Bootstrap) -> Result<model::Bootstrap, Vec<Config
         clusters.push(cluster);
     }
 
+    ctx.dfp_clusters = clusters
+        .iter()
+        .filter_map(|c: &model::Cluster| Some((c.name.clone(), c.dns_cache.clone()?)))
+        .collect();
     let known = KnownClusters {
         defined,
         proxies: clusters
@@ -706,6 +719,8 @@ fn placeholder_hcm() -> model::HttpConnectionManager {
         stream_idle_timeout: None,
         http_filters: Vec::new(),
         access_log: Vec::new(),
+        dynamic_forward_proxy: None,
+        destination_policy: Default::default(),
     }
 }
 
@@ -763,7 +778,11 @@ fn build_hcm(
         }
     };
 
-    let http_filters = build_http_filters(ctx, &p.f("http_filters"), &h.http_filters);
+    let HttpFilters {
+        names: http_filters,
+        dynamic_forward_proxy,
+        destination_policy,
+    } = build_http_filters(ctx, &p.f("http_filters"), &h.http_filters);
 
     let up = p.f("upgrade_configs");
     let mut seen: HashMap<String, usize> = HashMap::new();
@@ -811,6 +830,7 @@ fn build_hcm(
     let stream_idle_timeout = (!timeout.is_zero()).then_some(timeout);
 
     let access_log = accesslog::build_access_logs(ctx, &p.f("access_log"), &h.access_log);
+    dfp::check_routes(ctx, p, &route_config, dynamic_forward_proxy.as_ref());
 
     model::HttpConnectionManager {
         codec_type,
@@ -822,11 +842,22 @@ fn build_hcm(
         stream_idle_timeout,
         http_filters,
         access_log,
+        dynamic_forward_proxy,
+        destination_policy,
     }
 }
 
-fn build_http_filters(ctx: &mut Ctx, p: &P, filters: &[raw::HttpFilter]) -> Vec<String> {
+/// What the HCM's `http_filters[]` configure.
+struct HttpFilters {
+    names: Vec<String>,
+    dynamic_forward_proxy: Option<model::DnsCacheConfig>,
+    destination_policy: model::DestinationPolicy,
+}
+
+fn build_http_filters(ctx: &mut Ctx, p: &P, filters: &[raw::HttpFilter]) -> HttpFilters {
     let mut names = Vec::with_capacity(filters.len());
+    let mut dynamic_forward_proxy = None;
+    let mut destination_policy = None;
     let mut routers = Vec::new();
     // A filter that could not be identified may be a mistyped router: then do not also
     // report the router as missing.
@@ -840,6 +871,38 @@ fn build_http_filters(ctx: &mut Ctx, p: &P, filters: &[raw::HttpFilter]) -> Vec<
                 check_name(ctx, &fp.f("name"), name, ROUTER_NAME);
                 ctx.unsupported(&fp.f("typed_config"), r.unsupported_fields());
                 routers.push(i);
+            }
+            Some(HttpFilterConfig::DynamicForwardProxy(d)) => {
+                check_name(ctx, &fp.f("name"), name, DFP_FILTER_NAME);
+                let cp = fp.f("typed_config");
+                ctx.unsupported(&cp, d.unsupported_fields());
+                let dp = cp.f("dns_cache_config");
+                let cache = match &d.dns_cache_config {
+                    Some(c) => dfp::build_dns_cache(ctx, &dp, c),
+                    None => {
+                        ctx.err(&dp, "is required");
+                        None
+                    }
+                };
+                if dynamic_forward_proxy.is_some() {
+                    ctx.err(
+                        &fp,
+                        format!("a second `{DFP_FILTER_NAME}` filter; one is enough"),
+                    );
+                }
+                dynamic_forward_proxy = cache;
+            }
+            Some(HttpFilterConfig::TypedStruct(t)) => {
+                let policy = dfp::build_destination_policy(ctx, &fp, f, t);
+                if destination_policy.is_some() {
+                    ctx.err(
+                        &fp,
+                        format!(
+                            "a second `{DESTINATION_POLICY_NAME}` filter; put every rule in one"
+                        ),
+                    );
+                }
+                destination_policy = policy;
             }
             Some(HttpFilterConfig::Other(url)) => {
                 let at = fp.f("typed_config").f("@type");
@@ -866,7 +929,11 @@ fn build_http_filters(ctx: &mut Ctx, p: &P, filters: &[raw::HttpFilter]) -> Vec<
             }
         }
     }
-    names
+    HttpFilters {
+        names,
+        dynamic_forward_proxy,
+        destination_policy: destination_policy.unwrap_or_default(),
+    }
 }
 
 /// `upgrade_type`: a required HTTP token, matched case-insensitively (stored lower-case),
@@ -1209,8 +1276,20 @@ fn build_cluster(ctx: &mut Ctx, p: &P, c: &raw::Cluster) -> model::Cluster {
     let name = ctx.required(&p.f("name"), c.name.as_ref()).to_owned();
 
     let tp = p.f("type");
+    let dns_cache = c
+        .cluster_type
+        .as_ref()
+        .and_then(|t| build_cluster_type(ctx, &p.f("cluster_type"), t));
+    if custom && c.discovery_type.is_some() {
+        ctx.err(
+            &tp,
+            "`type` and `cluster_type` are alternatives (a oneof in Envoy): keep one",
+        );
+    }
     // None: not a type Ferry implements (reported); endpoint checks are then skipped.
     let discovery = match c.discovery_type.as_deref() {
+        _ if dns_cache.is_some() => Some(model::DiscoveryType::DynamicForwardProxy),
+        _ if custom => None,
         None | Some("STATIC") => Some(model::DiscoveryType::Static),
         Some("STRICT_DNS") => Some(model::DiscoveryType::StrictDns),
         Some("LOGICAL_DNS") => Some(model::DiscoveryType::LogicalDns),
@@ -1230,20 +1309,11 @@ fn build_cluster(ctx: &mut Ctx, p: &P, c: &raw::Cluster) -> model::Cluster {
         }
     };
 
-    let dns_lookup_family = match c.dns_lookup_family.as_deref() {
-        None | Some("AUTO") => model::DnsLookupFamily::Auto,
-        Some("V4_ONLY") => model::DnsLookupFamily::V4Only,
-        Some("V6_ONLY") => model::DnsLookupFamily::V6Only,
-        Some("V4_PREFERRED") => model::DnsLookupFamily::V4Preferred,
-        Some("ALL") => model::DnsLookupFamily::All,
-        Some(other) => {
-            ctx.err(
-                &p.f("dns_lookup_family"),
-                format!("unknown dns_lookup_family `{other}`; expected AUTO, V4_ONLY, V6_ONLY, V4_PREFERRED or ALL"),
-            );
-            model::DnsLookupFamily::Auto
-        }
-    };
+    let dns_lookup_family = lookup_family(
+        ctx,
+        &p.f("dns_lookup_family"),
+        c.dns_lookup_family.as_deref(),
+    );
 
     let rp = p.f("dns_refresh_rate");
     let dns_refresh_rate = ctx.duration(&rp, c.dns_refresh_rate.as_ref(), DEFAULT_DNS_REFRESH_RATE);
@@ -1256,7 +1326,19 @@ fn build_cluster(ctx: &mut Ctx, p: &P, c: &raw::Cluster) -> model::Cluster {
         ctx.err(&tp, "must be greater than 0s");
     }
 
+    let dfp = discovery == Some(model::DiscoveryType::DynamicForwardProxy);
     match c.lb_policy.as_deref() {
+        Some("CLUSTER_PROVIDED") if custom => {}
+        None if dfp => ctx.err(
+            &p.f("lb_policy"),
+            "must be CLUSTER_PROVIDED for a dynamic forward proxy cluster (as in Envoy)",
+        ),
+        Some(other) if dfp => ctx.err(
+            &p.f("lb_policy"),
+            format!(
+                "`{other}`: a dynamic forward proxy cluster takes CLUSTER_PROVIDED (as in Envoy)"
+            ),
+        ),
         None | Some("ROUND_ROBIN") => {}
         Some(
             other @ ("LEAST_REQUEST"
@@ -1290,7 +1372,19 @@ fn build_cluster(ctx: &mut Ctx, p: &P, c: &raw::Cluster) -> model::Cluster {
         );
     }
 
+    if dfp && c.load_assignment.is_some() {
+        ctx.err(
+            &lp,
+            "a dynamic forward proxy cluster has no endpoints: its hosts are the targets named in requests",
+        );
+    }
     let upstream = build_upstream(ctx, p, c);
+    if dfp && upstream.is_some() {
+        ctx.err(
+            &p.f("transport_socket"),
+            "forwarding through a dynamic forward proxy cluster is not supported by Ferry (yet); it terminates CONNECT-UDP to the target",
+        );
+    }
 
     model::Cluster {
         name,
@@ -1300,6 +1394,65 @@ fn build_cluster(ctx: &mut Ctx, p: &P, c: &raw::Cluster) -> model::Cluster {
         connect_timeout,
         endpoints,
         upstream,
+        dns_cache,
+    }
+}
+
+/// `dns_lookup_family` of a cluster or a DNS cache.
+fn lookup_family(ctx: &mut Ctx, p: &P, value: Option<&str>) -> model::DnsLookupFamily {
+    match value {
+        None | Some("AUTO") => model::DnsLookupFamily::Auto,
+        Some("V4_ONLY") => model::DnsLookupFamily::V4Only,
+        Some("V6_ONLY") => model::DnsLookupFamily::V6Only,
+        Some("V4_PREFERRED") => model::DnsLookupFamily::V4Preferred,
+        Some("ALL") => model::DnsLookupFamily::All,
+        Some(other) => {
+            ctx.err(
+                p,
+                format!("unknown dns_lookup_family `{other}`; expected AUTO, V4_ONLY, V6_ONLY, V4_PREFERRED or ALL"),
+            );
+            model::DnsLookupFamily::Auto
+        }
+    }
+}
+
+/// `cluster_type`: only `envoy.clusters.dynamic_forward_proxy`.
+fn build_cluster_type(
+    ctx: &mut Ctx,
+    p: &P,
+    t: &raw::CustomClusterType,
+) -> Option<model::DnsCacheConfig> {
+    ctx.unsupported(p, t.unsupported_fields());
+    let cp = p.f("typed_config");
+    match &t.typed_config {
+        Some(ClusterTypeConfig::DynamicForwardProxy(d)) => {
+            check_name(
+                ctx,
+                &p.f("name"),
+                t.name.as_deref().unwrap_or(""),
+                DFP_CLUSTER_NAME,
+            );
+            ctx.unsupported(&cp, d.unsupported_fields());
+            let dp = cp.f("dns_cache_config");
+            match &d.dns_cache_config {
+                Some(c) => dfp::build_dns_cache(ctx, &dp, c),
+                None => {
+                    ctx.err(&dp, "is required");
+                    None
+                }
+            }
+        }
+        Some(ClusterTypeConfig::Other(url)) => {
+            ctx.err(
+                &cp.f("@type"),
+                format!("custom cluster type `{url}` is not supported by Ferry (yet); supported: `{DFP_CLUSTER}`"),
+            );
+            None
+        }
+        None => {
+            ctx.err(&cp, format!("is required: `{DFP_CLUSTER}`"));
+            None
+        }
     }
 }
 
@@ -1560,8 +1713,8 @@ const NETWORK_FILTER_SLOT: Slot = Slot {
 const HTTP_FILTER_SLOT: Slot = Slot {
     what: "HTTP filter",
     category: "envoy.filters.http.",
-    names: &[ROUTER_NAME],
-    expected: &[ROUTER],
+    names: &[ROUTER_NAME, DFP_FILTER_NAME],
+    expected: &[ROUTER, DFP_FILTER],
 };
 const QUIC_TRANSPORT_SLOT: Slot = Slot {
     what: "QUIC listener transport socket",

@@ -36,7 +36,7 @@ mod error;
 mod raw;
 
 pub use any::{DOWNSTREAM_TLS_CONTEXT, HTTP_CONNECTION_MANAGER, QUIC_DOWNSTREAM_TRANSPORT, ROUTER};
-pub use build::NOT_SUPPORTED;
+pub use build::{DESTINATION_POLICY_NAME, DESTINATION_POLICY_TYPE_URL, NOT_SUPPORTED};
 pub use duration::parse_duration;
 pub use error::{ConfigError, ConfigErrors};
 pub use model::*;

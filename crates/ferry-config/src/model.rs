@@ -6,7 +6,7 @@
 //! it in shared snapshots (`Arc`) so that routes, clusters and listeners can later be
 //! swapped at run time (xDS) without copying them into every task.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 /// A whole bootstrap, validated.
@@ -143,6 +143,102 @@ pub struct HttpConnectionManager {
     pub http_filters: Vec<String>,
     /// `access_log[]`: one line per request (per tunnel, at its end) to each.
     pub access_log: Vec<AccessLog>,
+    /// The `envoy.filters.http.dynamic_forward_proxy` filter's `dns_cache_config`: when
+    /// present, routes to a dynamic forward proxy cluster send UDP to the target in the path.
+    pub dynamic_forward_proxy: Option<DnsCacheConfig>,
+    /// Ferry's `ferry.filters.http.destination_policy` filter: operator rules over the
+    /// built-in refusals for dynamic targets. Default: no rules (built-in refusals only).
+    pub destination_policy: DestinationPolicy,
+}
+
+/// `envoy.extensions.common.dynamic_forward_proxy.v3.DnsCacheConfig`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsCacheConfig {
+    /// `name`: the cache shared by the filter and the cluster that name it.
+    pub name: String,
+    /// `dns_lookup_family` (default AUTO).
+    pub dns_lookup_family: DnsLookupFamily,
+    /// `dns_refresh_rate` (Envoy's default 60 s): how long an answer is used before the
+    /// name is resolved again.
+    pub dns_refresh_rate: Duration,
+    /// `host_ttl` (Envoy's default 300 s): a host unused this long leaves the cache.
+    pub host_ttl: Duration,
+    /// `max_hosts` (Envoy's default 1024): the bound on cached names.
+    pub max_hosts: u32,
+    /// `typed_dns_resolver_config` (`envoy.network.dns_resolver.cares`) `resolvers`: the
+    /// DNS servers to ask, in order. Empty: the system resolver (which reads /etc/hosts).
+    pub resolvers: Vec<SocketAddr>,
+}
+
+/// Ferry's destination policy for dynamic targets (`ferry.filters.http.destination_policy`).
+///
+/// Each resolved address of a target is checked in this order: the proxy's own listener
+/// addresses are always refused; then the first matching `deny` rule refuses; then the
+/// first matching `allow` rule allows; then the built-in refusals (loopback, link-local,
+/// multicast, broadcast, unspecified) apply; anything else is allowed unless
+/// `default_deny` is set.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DestinationPolicy {
+    pub allow: Vec<AddressRule>,
+    pub deny: Vec<AddressRule>,
+    /// `default_action: DENY`: refuse what no rule allows (default ALLOW).
+    pub default_deny: bool,
+}
+
+/// One rule: an address range and a port range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddressRule {
+    /// `cidr` (`10.0.0.0/8`, `::1/128`, or a bare address = a single host).
+    pub network: IpAddr,
+    pub prefix_len: u8,
+    /// `ports` (`"9000"`, `"9000-9100"`); default every port.
+    pub ports: (u16, u16),
+}
+
+impl AddressRule {
+    /// Whether `ip:port` falls in this rule. An IPv4-mapped IPv6 address is matched as the
+    /// IPv4 address it carries.
+    pub fn matches(&self, ip: IpAddr, port: u16) -> bool {
+        if port < self.ports.0 || port > self.ports.1 {
+            return false;
+        }
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.network, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let bits = u32::from(self.prefix_len.min(32));
+                let mask = if bits == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - bits)
+                };
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let bits = u32::from(self.prefix_len.min(128));
+                let mask = if bits == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - bits)
+                };
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for AddressRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix_len)?;
+        match self.ports {
+            (0, 65535) => Ok(()),
+            (a, b) if a == b => write!(f, " port {a}"),
+            (a, b) => write!(f, " ports {a}-{b}"),
+        }
+    }
 }
 
 /// One HCM `access_log[]` entry: where the lines go and how they look.
@@ -276,6 +372,9 @@ pub struct Cluster {
     /// proxy): `typed_extension_protocol_options` + `transport_socket`. None for clusters
     /// that only receive terminated UDP.
     pub upstream: Option<UpstreamHttp>,
+    /// `cluster_type` `envoy.clusters.dynamic_forward_proxy`: its `dns_cache_config`. Such a
+    /// cluster has no endpoints; tunnels go to the target named in the path.
+    pub dns_cache: Option<DnsCacheConfig>,
 }
 
 /// A cluster's upstream HTTP settings.
@@ -316,6 +415,9 @@ pub enum DiscoveryType {
     Static,
     StrictDns,
     LogicalDns,
+    /// `cluster_type: envoy.clusters.dynamic_forward_proxy` (with `lb_policy:
+    /// CLUSTER_PROVIDED`).
+    DynamicForwardProxy,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -15,9 +15,9 @@ use std::fmt;
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 
 pub(crate) use crate::any::{
-    AccessLoggerConfig, DownstreamTransportConfig, HttpFilterConfig, ListenerFilterConfig,
-    MatchActionConfig, NetworkFilterConfig, ProtocolOptionsConfig, SessionFilterConfig,
-    UpstreamTransportConfig,
+    AccessLoggerConfig, ClusterTypeConfig, DnsResolverConfig, DownstreamTransportConfig,
+    HttpFilterConfig, ListenerFilterConfig, MatchActionConfig, NetworkFilterConfig,
+    ProtocolOptionsConfig, SessionFilterConfig, UpstreamTransportConfig,
 };
 
 /// Any value at all: the value of an Envoy field Ferry does not implement. Only its
@@ -648,8 +648,82 @@ envoy_message! {
     struct HttpFilter {
         name: Option<String>,
         typed_config: Option<HttpFilterConfig>,
+        is_optional: Option<bool>,
     }
-    unsupported [config_discovery, is_optional, disabled]
+    unsupported [config_discovery, disabled]
+}
+
+envoy_message! {
+    /// `envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig`.
+    struct DfpFilterConfig {
+        dns_cache_config: Option<DnsCacheConfig>,
+    }
+    unsupported [sub_cluster_config, save_upstream_address, allow_dynamic_host_from_filter_state]
+}
+
+envoy_message! {
+    /// `envoy.extensions.common.dynamic_forward_proxy.v3.DnsCacheConfig`.
+    struct DnsCacheConfig {
+        name: Option<String>,
+        dns_lookup_family: Option<String>,
+        dns_refresh_rate: Option<RawDuration>,
+        host_ttl: Option<RawDuration>,
+        max_hosts: Option<PortValue>,
+        typed_dns_resolver_config: Option<TypedDnsResolverConfig>,
+    }
+    unsupported [
+        dns_min_refresh_rate, dns_failure_refresh_rate, dns_cache_circuit_breaker,
+        use_tcp_for_dns_lookups, dns_resolution_config,
+        preresolve_hostnames, dns_query_timeout, key_value_config, disable_dns_refresh_on_failure,
+    ]
+}
+
+envoy_message! {
+    /// `envoy.config.core.v3.TypedExtensionConfig` as a DNS resolver.
+    struct TypedDnsResolverConfig {
+        name: Option<String>,
+        typed_config: Option<DnsResolverConfig>,
+    }
+    unsupported []
+}
+
+envoy_message! {
+    /// `envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig`.
+    struct CaresDnsResolverConfig {
+        resolvers: Vec<Address>,
+    }
+    unsupported [
+        use_resolvers_as_fallback, filter_unroutable_families, dns_resolver_options,
+        udp_max_queries, query_timeout_seconds, query_tries, rotate_nameservers,
+        edns0_max_payload_size, max_udp_channel_duration, reinit_channel_on_timeout,
+    ]
+}
+
+/// `xds.type.v3.TypedStruct` (or `udpa.type.v1.TypedStruct`): an extension's config as a
+/// free-form struct with its own `type_url`; how Ferry's own filters are configured so
+/// that Envoy still accepts the bootstrap.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct TypedStruct {
+    pub(crate) type_url: Option<String>,
+    pub(crate) value: Option<serde_json::Value>,
+}
+
+envoy_message! {
+    /// `envoy.config.core.v3.TypedExtensionConfig` as a cluster's `cluster_type`.
+    struct CustomClusterType {
+        name: Option<String>,
+        typed_config: Option<ClusterTypeConfig>,
+    }
+    unsupported []
+}
+
+envoy_message! {
+    /// `envoy.extensions.clusters.dynamic_forward_proxy.v3.ClusterConfig`.
+    struct DfpClusterConfig {
+        dns_cache_config: Option<DnsCacheConfig>,
+    }
+    unsupported [sub_clusters_config, allow_insecure_cluster_options, allow_coalesced_connections]
 }
 
 envoy_message! {
@@ -812,9 +886,10 @@ envoy_message! {
         load_assignment: Option<ClusterLoadAssignment>,
         typed_extension_protocol_options: std::collections::BTreeMap<String, ProtocolOptionsConfig>,
         transport_socket: Option<UpstreamTransportSocket>,
+        cluster_type: Option<CustomClusterType>,
     }
     unsupported [
-        transport_socket_matches, alt_stat_name, cluster_type, eds_cluster_config,
+        transport_socket_matches, alt_stat_name, eds_cluster_config,
         per_connection_buffer_limit_bytes, health_checks, max_requests_per_connection,
         circuit_breakers, upstream_http_protocol_options, common_http_protocol_options,
         http_protocol_options, http2_protocol_options,

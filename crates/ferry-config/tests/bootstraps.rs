@@ -59,6 +59,8 @@ fn expected_terminate_h3() -> Bootstrap {
                     stream_idle_timeout: Some(Duration::from_secs(300)),
                     http_filters: vec!["envoy.filters.http.router".into()],
                     access_log: vec![],
+                    dynamic_forward_proxy: None,
+                    destination_policy: DestinationPolicy::default(),
                 },
             },
             udp_proxy: None,
@@ -74,6 +76,7 @@ fn expected_terminate_h3() -> Bootstrap {
                 port: ECHO_PORT,
             }],
             upstream: None,
+            dns_cache: None,
         }],
     }
 }
@@ -201,27 +204,153 @@ fn forward_h3_without_upstream_options_loads_as_forward() {
 }
 
 #[test]
-fn dynamic_targets_h3_fails_only_on_the_dynamic_forward_proxy() {
+fn dynamic_targets_h3_builds_a_dynamic_forward_proxy() {
     let (text, _, _) = bootstrap("dynamic-targets-h3.yaml.in");
-    let errs = load_yaml(&text).unwrap_err();
-    let filter = format!("{HCM}.http_filters[0].typed_config.@type");
-    assert_only_not_supported(
-        &errs,
-        &[
-            &filter,
-            "static_resources.clusters[0].lb_policy",
-            "static_resources.clusters[0].cluster_type",
-        ],
+    let bootstrap = load_yaml(&text).unwrap_or_else(|e| panic!("{e}"));
+    let cache = DnsCacheConfig {
+        name: "dynamic_forward_proxy_cache_config".into(),
+        dns_lookup_family: DnsLookupFamily::V4Only,
+        dns_refresh_rate: Duration::from_secs(60),
+        host_ttl: Duration::from_secs(300),
+        max_hosts: 1024,
+        resolvers: vec![],
+    };
+    let cluster = &bootstrap.clusters[0];
+    assert_eq!(cluster.discovery, DiscoveryType::DynamicForwardProxy);
+    assert_eq!(cluster.dns_cache.as_ref(), Some(&cache));
+    assert!(cluster.endpoints.is_empty());
+    let hcm = &bootstrap.listeners[0].filter_chain.hcm;
+    assert_eq!(hcm.dynamic_forward_proxy.as_ref(), Some(&cache));
+    // No Ferry policy filter: the built-in refusals only.
+    assert_eq!(hcm.destination_policy, DestinationPolicy::default());
+}
+
+const DFP_FILTER_LINE: &str = "          - name: envoy.filters.http.dynamic_forward_proxy\n";
+const POLICY_FILTER: &str = r#"          - name: ferry.filters.http.destination_policy
+            is_optional: true
+            typed_config:
+              "@type": type.googleapis.com/xds.type.v3.TypedStruct
+              type_url: type.googleapis.com/ferry.filters.http.destination_policy.v1.DestinationPolicy
+              value:
+                allow:
+                - { cidr: 127.0.0.0/8, ports: "9000-9100" }
+                - { cidr: "::1" }
+                deny:
+                - { cidr: 10.0.0.0/8, ports: 53 }
+                default_action: DENY
+"#;
+
+#[test]
+fn destination_policy_filter_builds_its_rules() {
+    let (text, _, _) = bootstrap("dynamic-targets-h3.yaml.in");
+    let text = edit(
+        &text,
+        DFP_FILTER_LINE,
+        &format!("{POLICY_FILTER}{DFP_FILTER_LINE}"),
     );
+    let bootstrap = load_yaml(&text).unwrap_or_else(|e| panic!("{e}"));
+    let policy = &bootstrap.listeners[0].filter_chain.hcm.destination_policy;
+    assert_eq!(
+        policy,
+        &DestinationPolicy {
+            allow: vec![
+                AddressRule {
+                    network: "127.0.0.0".parse().unwrap(),
+                    prefix_len: 8,
+                    ports: (9000, 9100)
+                },
+                AddressRule {
+                    network: "::1".parse().unwrap(),
+                    prefix_len: 128,
+                    ports: (0, 65535)
+                },
+            ],
+            deny: vec![AddressRule {
+                network: "10.0.0.0".parse().unwrap(),
+                prefix_len: 8,
+                ports: (53, 53)
+            }],
+            default_deny: true,
+        }
+    );
+    assert!(policy.allow[0].matches("127.1.2.3".parse().unwrap(), 9000));
+    assert!(!policy.allow[0].matches("127.1.2.3".parse().unwrap(), 9101));
+    assert!(policy.allow[0].matches("::ffff:127.0.0.1".parse().unwrap(), 9050));
+}
+
+#[test]
+fn destination_policy_errors_name_their_fields() {
+    let (text, _, _) = bootstrap("dynamic-targets-h3.yaml.in");
+    let bad = POLICY_FILTER
+        .replace("            is_optional: true\n", "")
+        .replace("127.0.0.0/8", "127.0.0.1/8")
+        .replace("\"9000-9100\"", "\"9100-9000\"")
+        .replace("default_action: DENY", "default_action: MAYBE");
+    let text = edit(&text, DFP_FILTER_LINE, &format!("{bad}{DFP_FILTER_LINE}"));
+    let errs = load_yaml(&text).unwrap_err();
+    let f = format!("{HCM}.http_filters[0]");
+    let v = format!("{f}.typed_config.value");
+    for path in [
+        format!("{f}.is_optional"),
+        format!("{v}.allow[0].cidr"),
+        format!("{v}.allow[0].ports"),
+        format!("{v}.default_action"),
+    ] {
+        error_at(&errs, &path);
+    }
+    assert!(error_at(&errs, &format!("{f}.is_optional"))
+        .message
+        .contains("Envoy refuses"));
+    assert_eq!(errs.0.len(), 4, "{errs}");
+}
+
+#[test]
+fn a_route_to_a_dynamic_cluster_needs_the_filter_with_the_same_cache() {
+    let (text, _, _) = bootstrap("dynamic-targets-h3.yaml.in");
+    let route = format!("{HCM}.route_config.virtual_hosts[0].routes[0].route.cluster");
+    // The filter's cache has another name.
+    let renamed = edit(
+        &text,
+        "                name: dynamic_forward_proxy_cache_config\n",
+        "                name: other_cache\n",
+    );
+    let errs = load_yaml(&renamed).unwrap_err();
     assert!(
-        error_at(&errs, &filter)
-            .message
-            .contains("envoy.filters.http.dynamic_forward_proxy"),
+        error_at(&errs, &route).message.contains("other_cache"),
         "{errs}"
     );
-    assert!(error_at(&errs, "static_resources.clusters[0].lb_policy")
-        .message
-        .contains("CLUSTER_PROVIDED"));
+    // The same name, another setting.
+    let different = edit(
+        &text,
+        "                dns_lookup_family: V4_ONLY\n",
+        "                dns_lookup_family: V6_ONLY\n",
+    );
+    let errs = load_yaml(&different).unwrap_err();
+    assert!(
+        error_at(&errs, &route).message.contains("identical"),
+        "{errs}"
+    );
+}
+
+#[test]
+fn dynamic_cluster_settings_are_checked() {
+    let (text, _, _) = bootstrap("dynamic-targets-h3.yaml.in");
+    let text = edit(
+        &text,
+        "    lb_policy: CLUSTER_PROVIDED\n",
+        "    lb_policy: ROUND_ROBIN\n",
+    );
+    let text = edit(
+        &text,
+        "          name: dynamic_forward_proxy_cache_config\n          dns_lookup_family: V4_ONLY\n",
+        "          name: dynamic_forward_proxy_cache_config\n          dns_lookup_family: V4_ONLY\n          max_hosts: 0\n          host_ttl: 0s\n",
+    );
+    let errs = load_yaml(&text).unwrap_err();
+    let c = "static_resources.clusters[0]";
+    let d = format!("{c}.cluster_type.typed_config.dns_cache_config");
+    error_at(&errs, &format!("{c}.lb_policy"));
+    error_at(&errs, &format!("{d}.max_hosts"));
+    error_at(&errs, &format!("{d}.host_ttl"));
 }
 
 #[test]
@@ -283,5 +412,24 @@ fn every_reference_bootstrap_is_covered() {
             "terminate-h3.yaml.in",
             "terminate-tcp-h2-h1.yaml.in"
         ]
+    );
+}
+
+#[test]
+fn unimplemented_dynamic_forward_proxy_fields_are_named() {
+    let (text, _, _) = bootstrap("dynamic-targets-h3.yaml.in");
+    let text = edit(
+        &text,
+        "                dns_lookup_family: V4_ONLY\n",
+        "                dns_lookup_family: V4_ONLY\n                dns_min_refresh_rate: 5s\n              save_upstream_address: true\n",
+    );
+    let errs = load_yaml(&text).unwrap_err();
+    let f = format!("{HCM}.http_filters[0].typed_config");
+    assert_only_not_supported(
+        &errs,
+        &[
+            &format!("{f}.dns_cache_config.dns_min_refresh_rate"),
+            &format!("{f}.save_upstream_address"),
+        ],
     );
 }

@@ -50,6 +50,7 @@
 
 pub mod capsule;
 pub mod datagram;
+pub mod dns;
 pub mod request;
 pub mod template;
 pub mod varint;

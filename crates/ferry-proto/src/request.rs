@@ -48,6 +48,9 @@ pub struct Rejection {
     pub error: Option<&'static str>,
     /// Human-readable details (the Proxy-Status `details` parameter).
     pub details: String,
+    /// For `dns_error`: the DNS rcode (`NXDOMAIN`, `SERVFAIL`, ...), the Proxy-Status
+    /// `rcode` parameter (RFC 9209 section 2.3.2).
+    pub rcode: Option<&'static str>,
 }
 
 impl Rejection {
@@ -57,6 +60,7 @@ impl Rejection {
             status,
             error,
             details: details.into(),
+            rcode: None,
         }
     }
 
@@ -85,6 +89,11 @@ impl Rejection {
         if let Some(error) = self.error {
             out.push_str("; error=");
             out.push_str(error);
+        }
+        if let Some(rcode) = self.rcode {
+            out.push_str("; rcode=\"");
+            out.push_str(rcode);
+            out.push('"');
         }
         if !self.details.is_empty() {
             out.push_str("; details=\"");

@@ -138,6 +138,19 @@ pub fn main() -> ExitCode {
     };
     if args.mode == Mode::Validate {
         println!("configuration '{}' OK", path.display());
+        // Ferry's extension, explained: what dynamic targets may reach.
+        for l in &bootstrap.listeners {
+            let hcm = &l.filter_chain.hcm;
+            if let Some(cache) = &hcm.dynamic_forward_proxy {
+                println!(
+                    "listener {}: dynamic targets (DNS cache `{}`); destination policy ({}): {}",
+                    l.name,
+                    cache.name,
+                    ferry_config::DESTINATION_POLICY_NAME,
+                    crate::policy::describe(&hcm.destination_policy)
+                );
+            }
+        }
         return ExitCode::SUCCESS;
     }
     let mut rt = tokio::runtime::Builder::new_multi_thread();

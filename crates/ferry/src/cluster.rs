@@ -40,6 +40,8 @@ pub struct ClusterState {
     pub upstream: Option<crate::upstream::UpstreamPool>,
     /// HTTP/2 or HTTP/1.1 connections to them, for the other `explicit_http_config`s.
     pub tcp_upstream: Option<crate::upstream_tcp::TcpPool>,
+    /// A dynamic forward proxy cluster's DNS cache (shared by name).
+    pub dns_cache: Option<Arc<crate::dfp::DnsCache>>,
     hosts: ArcSwap<Hosts>,
     next: AtomicUsize,
     /// Becomes true once the first resolution attempt has finished (success or not).
@@ -63,11 +65,13 @@ impl ClusterState {
             ),
             _ => None,
         };
-        let initialized = static_hosts.is_some();
+        let initialized =
+            static_hosts.is_some() || config.discovery == DiscoveryType::DynamicForwardProxy;
         Arc::new(ClusterState {
             config,
             upstream: None,
             tcp_upstream: None,
+            dns_cache: None,
             hosts: ArcSwap::from_pointee(Hosts {
                 addrs: static_hosts.unwrap_or_default(),
                 dns_error: None,
@@ -149,7 +153,7 @@ impl ClusterState {
 }
 
 /// Resolve `name:port` with the system resolver, keeping the addresses the family allows.
-async fn resolve(
+pub(crate) async fn resolve(
     name: &str,
     port: u16,
     family: DnsLookupFamily,
@@ -200,38 +204,63 @@ fn filter_family(all: Vec<SocketAddr>, family: DnsLookupFamily) -> Result<Vec<So
 #[derive(Default)]
 pub struct ClusterManager {
     clusters: HashMap<String, Arc<ClusterState>>,
+    /// The DNS caches of dynamic forward proxy clusters, by cache name.
+    dns_caches: HashMap<String, Arc<crate::dfp::DnsCache>>,
+    /// The proxy's own addresses, which dynamic targets may never be.
+    pub own_addrs: Arc<crate::policy::OwnAddrs>,
 }
 
 impl ClusterManager {
     pub fn new(configs: &[Cluster], store: &Arc<crate::stats::Store>) -> Self {
+        let mut dns_caches: HashMap<String, Arc<crate::dfp::DnsCache>> = HashMap::new();
+        let clusters = configs
+            .iter()
+            .map(|c| {
+                let (upstream, tcp_upstream) = match c.upstream.clone() {
+                    Some(
+                        u @ ferry_config::UpstreamHttp {
+                            protocol: ferry_config::UpstreamProtocol::Http3 { .. },
+                            ..
+                        },
+                    ) => (
+                        Some(crate::upstream::UpstreamPool::new(
+                            &c.name,
+                            u,
+                            c.connect_timeout,
+                            store,
+                        )),
+                        None,
+                    ),
+                    Some(u) => (
+                        None,
+                        Some(crate::upstream_tcp::TcpPool::new(
+                            &c.name,
+                            u,
+                            c.connect_timeout,
+                            store,
+                        )),
+                    ),
+                    None => (None, None),
+                };
+                let dns_cache = c.dns_cache.as_ref().map(|d| {
+                    dns_caches
+                        .entry(d.name.clone())
+                        .or_insert_with(|| Arc::new(crate::dfp::DnsCache::new(d.clone(), store)))
+                        .clone()
+                });
+                let mut state = ClusterState::new(c.clone());
+                if let Some(s) = Arc::get_mut(&mut state) {
+                    s.upstream = upstream;
+                    s.tcp_upstream = tcp_upstream;
+                    s.dns_cache = dns_cache;
+                }
+                (c.name.clone(), state)
+            })
+            .collect();
         ClusterManager {
-            clusters: configs
-                .iter()
-                .map(|c| {
-                    let mut state = ClusterState::new(c.clone());
-                    if let (Some(s), Some(u)) = (Arc::get_mut(&mut state), c.upstream.clone()) {
-                        match u.protocol {
-                            ferry_config::UpstreamProtocol::Http3 { .. } => {
-                                s.upstream = Some(crate::upstream::UpstreamPool::new(
-                                    &c.name,
-                                    u,
-                                    c.connect_timeout,
-                                    store,
-                                ));
-                            }
-                            _ => {
-                                s.tcp_upstream = Some(crate::upstream_tcp::TcpPool::new(
-                                    &c.name,
-                                    u,
-                                    c.connect_timeout,
-                                    store,
-                                ));
-                            }
-                        }
-                    }
-                    (c.name.clone(), state)
-                })
-                .collect(),
+            clusters,
+            dns_caches,
+            own_addrs: Default::default(),
         }
     }
 
@@ -245,8 +274,24 @@ impl ClusterManager {
 
     /// Start the DNS refresh tasks; they stop when `shutdown` fires.
     pub fn start(&self, shutdown: &crate::shutdown::Shutdown) {
+        for cache in self.dns_caches.values() {
+            let cache = cache.clone();
+            let mut stop = shutdown.subscribe();
+            let every = cache.config.host_ttl.max(std::time::Duration::from_secs(1));
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(every) => cache.sweep(),
+                        _ = stop.wait() => return,
+                    }
+                }
+            });
+        }
         for state in self.clusters.values() {
-            if state.config.discovery == DiscoveryType::Static {
+            if matches!(
+                state.config.discovery,
+                DiscoveryType::Static | DiscoveryType::DynamicForwardProxy
+            ) {
                 continue;
             }
             let state = state.clone();
@@ -325,6 +370,7 @@ mod tests {
             dns_refresh_rate: std::time::Duration::from_secs(5),
             connect_timeout: std::time::Duration::from_secs(5),
             upstream: None,
+            dns_cache: None,
             endpoints: endpoints
                 .iter()
                 .map(|(a, p)| Endpoint {

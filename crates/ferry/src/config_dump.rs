@@ -165,10 +165,19 @@ fn hcm(h: &HttpConnectionManager) -> Value {
     let filters: Vec<Value> = h
         .http_filters
         .iter()
-        .map(|name| {
-            json!({"name": name, "typed_config": {
+        .map(|name| match name.as_str() {
+            "envoy.filters.http.dynamic_forward_proxy" => json!({"name": name, "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig",
+                "dns_cache_config": h.dynamic_forward_proxy.as_ref().map(dns_cache),
+            }}),
+            ferry_config::DESTINATION_POLICY_NAME => json!({"name": name, "is_optional": true, "typed_config": {
+                "@type": "type.googleapis.com/xds.type.v3.TypedStruct",
+                "type_url": ferry_config::DESTINATION_POLICY_TYPE_URL,
+                "value": destination_policy(&h.destination_policy),
+            }}),
+            _ => json!({"name": name, "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-            }})
+            }}),
         })
         .collect();
     json!({
@@ -303,19 +312,84 @@ fn listener(l: &Listener) -> Value {
     v
 }
 
-fn cluster(c: &Cluster) -> Value {
-    let discovery = match c.discovery {
-        DiscoveryType::Static => "STATIC",
-        DiscoveryType::StrictDns => "STRICT_DNS",
-        DiscoveryType::LogicalDns => "LOGICAL_DNS",
-    };
-    let family = match c.dns_lookup_family {
+fn family_name(f: DnsLookupFamily) -> &'static str {
+    match f {
         DnsLookupFamily::Auto => "AUTO",
         DnsLookupFamily::V4Only => "V4_ONLY",
         DnsLookupFamily::V6Only => "V6_ONLY",
         DnsLookupFamily::V4Preferred => "V4_PREFERRED",
         DnsLookupFamily::All => "ALL",
+    }
+}
+
+fn dns_cache(d: &ferry_config::DnsCacheConfig) -> Value {
+    let mut v = json!({
+        "name": d.name,
+        "dns_lookup_family": family_name(d.dns_lookup_family),
+        "dns_refresh_rate": duration(d.dns_refresh_rate),
+        "host_ttl": duration(d.host_ttl),
+        "max_hosts": d.max_hosts,
+    });
+    if let (false, Some(m)) = (d.resolvers.is_empty(), v.as_object_mut()) {
+        let resolvers: Vec<Value> = d
+            .resolvers
+            .iter()
+            .map(|r| socket_address(r.ip(), r.port(), None))
+            .collect();
+        m.insert(
+            "typed_dns_resolver_config".into(),
+            json!({
+                "name": "envoy.network.dns_resolver.cares",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig",
+                    "resolvers": resolvers,
+                },
+            }),
+        );
+    }
+    v
+}
+
+fn destination_policy(p: &ferry_config::DestinationPolicy) -> Value {
+    let rules = |rules: &[ferry_config::AddressRule]| -> Vec<Value> {
+        rules
+            .iter()
+            .map(|r| {
+                json!({
+                    "cidr": format!("{}/{}", r.network, r.prefix_len),
+                    "ports": format!("{}-{}", r.ports.0.max(1), r.ports.1),
+                })
+            })
+            .collect()
     };
+    json!({
+        "allow": rules(&p.allow),
+        "deny": rules(&p.deny),
+        "default_action": if p.default_deny { "DENY" } else { "ALLOW" },
+    })
+}
+
+fn cluster(c: &Cluster) -> Value {
+    let discovery = match c.discovery {
+        DiscoveryType::Static => "STATIC",
+        DiscoveryType::StrictDns => "STRICT_DNS",
+        DiscoveryType::LogicalDns => "LOGICAL_DNS",
+        DiscoveryType::DynamicForwardProxy => {
+            return json!({
+                "name": c.name,
+                "connect_timeout": duration(c.connect_timeout),
+                "lb_policy": "CLUSTER_PROVIDED",
+                "cluster_type": {
+                    "name": "envoy.clusters.dynamic_forward_proxy",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.clusters.dynamic_forward_proxy.v3.ClusterConfig",
+                        "dns_cache_config": c.dns_cache.as_ref().map(dns_cache),
+                    },
+                },
+            });
+        }
+    };
+    let family = family_name(c.dns_lookup_family);
     let endpoints: Vec<Value> = c
         .endpoints
         .iter()

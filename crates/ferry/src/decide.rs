@@ -26,6 +26,7 @@ pub fn reject(status: u16, error: Option<&'static str>, details: impl Into<Strin
         status,
         error,
         details: details.into(),
+        rcode: None,
     }
 }
 

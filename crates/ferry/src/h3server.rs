@@ -256,8 +256,8 @@ async fn handle_request(
     let plan = decide::decide(&hcm, &head);
     tracing::debug!(method = head.method, path = ?head.path, authority = ?head.authority, ?plan, "request");
     let result = match plan {
-        Ok(Plan::Terminate { cluster, target: _ }) => {
-            terminate(down, &hcm, ctx, &cluster, shutdown).await
+        Ok(Plan::Terminate { cluster, target }) => {
+            terminate(down, &hcm, ctx, &cluster, &target, shutdown).await
         }
         Ok(Plan::Forward { cluster, authority }) => {
             // Boxed: the forwarding future is twice the size of termination's, and every
@@ -308,6 +308,7 @@ async fn terminate(
     hcm: &HttpConnectionManager,
     ctx: &ListenerCtx,
     cluster: &str,
+    target: &ferry_proto::template::Target,
     shutdown: Waiter,
 ) -> Result<(), (H3Stream, Rejection)> {
     let crate::forward::Downstream {
@@ -340,7 +341,7 @@ async fn terminate(
         shared,
         addr,
         upstream: _upstream,
-    } = match tunnel::open_target(ctx, cluster) {
+    } = match tunnel::open_target(ctx, cluster, target).await {
         Ok(o) => o,
         Err(rejection) => return Err((stream, rejection)),
     };

@@ -200,6 +200,8 @@ mod tests {
             stream_idle_timeout: None,
             http_filters: vec!["envoy.filters.http.router".into()],
             access_log: vec![],
+            dynamic_forward_proxy: None,
+            destination_policy: Default::default(),
         }
     }
 

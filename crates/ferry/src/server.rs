@@ -264,6 +264,10 @@ impl Server {
             Some(a) => Some(AdminServer::bind(a.address)?),
             None => None,
         };
+        // Dynamic targets may never be the proxy itself.
+        let mut own: Vec<SocketAddr> = bound.iter().map(|b| b.local_addr).collect();
+        own.extend(admin.as_ref().map(|a| a.local_addr));
+        clusters.load().own_addrs.set(own);
         let server_stats = ServerStats::new(&stats);
         server_stats.state.set(2);
         let state = Arc::new(ServerState {

@@ -637,7 +637,7 @@ pub struct ConnectUdpStats {
 
 /// Status codes and RFC 9209 error types Ferry refuses tunnels with; their
 /// `tunnels_rejected_*` counters exist (at zero) from the start.
-const KNOWN_REJECTIONS: [&str; 11] = [
+const KNOWN_REJECTIONS: [&str; 12] = [
     "400",
     "403",
     "404",
@@ -648,6 +648,7 @@ const KNOWN_REJECTIONS: [&str; 11] = [
     "destination_not_found",
     "destination_unavailable",
     "dns_error",
+    "destination_ip_prohibited",
     "proxy_configuration_error",
 ];
 

@@ -344,8 +344,8 @@ async fn respond(
         accesslog::note(|rec| rec.rejected(&r));
         (error_response(&r, ctx, &alt_svc), None)
     };
-    let cluster = match plan {
-        Ok(Plan::Terminate { cluster, .. }) => cluster,
+    let (cluster, target) = match plan {
+        Ok(Plan::Terminate { cluster, target }) => (cluster, target),
         Ok(Plan::Forward { cluster, authority }) => {
             let mut head = http::Request::new(());
             *head.method_mut() = req.method().clone();
@@ -401,7 +401,7 @@ async fn respond(
         shared,
         addr,
         upstream,
-    } = match tunnel::open_target(ctx, &cluster) {
+    } = match tunnel::open_target(ctx, &cluster, &target).await {
         Ok(o) => o,
         Err(r) => return refuse(r),
     };

@@ -75,18 +75,33 @@ pub struct Opened {
     pub upstream: crate::stats::UpstreamGuard,
 }
 
-/// Pick a host of `cluster` and open a connected UDP socket to it: the part of
-/// terminating a tunnel before the response, the same for every HTTP version. Counts
-/// cluster stats and notes the tunnel in the request's access-log record.
-pub fn open_target(
+/// Pick a host of `cluster` (for a dynamic forward proxy cluster: resolve `target` and
+/// check it against the destination policy) and open a connected UDP socket to it: the
+/// part of terminating a tunnel before the response, the same for every HTTP version.
+/// Counts cluster stats and notes the tunnel in the request's access-log record.
+pub async fn open_target(
     ctx: &crate::h3server::ListenerCtx,
     cluster: &str,
+    target: &ferry_proto::template::Target,
 ) -> Result<Opened, ferry_proto::request::Rejection> {
     use crate::cluster::PickError;
     use crate::decide::reject;
-    let clusters = ctx.clusters.load();
+    let clusters = ctx.clusters.load_full();
     let cluster_stats = ctx.stats.clusters.get(cluster);
-    let picked = match clusters.get(cluster) {
+    let state = clusters.get(cluster);
+    if let Some(cache) = state.and_then(|c| c.dns_cache.as_ref()) {
+        let hcm = ctx.hcm.load_full();
+        let addr =
+            crate::dfp::resolve_target(cache, &hcm.destination_policy, &clusters.own_addrs, target)
+                .await
+                .inspect_err(|r| {
+                    if r.error == Some("dns_error") {
+                        cluster_stats.upstream_cx_none_healthy.inc();
+                    }
+                })?;
+        return open_socket(ctx, cluster, cluster_stats, addr);
+    }
+    let picked = match state {
         Some(c) => c.pick(),
         None => Err(PickError::NoSuchCluster),
     };
@@ -106,6 +121,16 @@ pub fn open_target(
             });
         }
     };
+    open_socket(ctx, cluster, cluster_stats, addr)
+}
+
+fn open_socket(
+    ctx: &crate::h3server::ListenerCtx,
+    cluster: &str,
+    cluster_stats: crate::stats::ClusterUdpStats,
+    addr: SocketAddr,
+) -> Result<Opened, ferry_proto::request::Rejection> {
+    use crate::decide::reject;
     let udp = connect_udp(addr).map_err(|e| {
         cluster_stats.upstream_cx_connect_fail.inc();
         reject(

@@ -64,3 +64,54 @@ async fn each_local_peer_gets_its_own_tunnel() {
         )
         .await;
 }
+
+/// `ferry client --http2`: the same sessions over one HTTP/2 connection (TLS, ALPN h2),
+/// every datagram a DATAGRAM capsule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_client_tunnels_over_one_tcp_connection() {
+    use support::tcp::{listener_addr, multi_bootstrap, static_cluster, TERMINATE_ROUTES};
+    let target = EchoTarget::start().await;
+    let cert = test_cert();
+    let yaml = multi_bootstrap(
+        &cert,
+        "AUTO",
+        TERMINATE_ROUTES,
+        &static_cluster(target.addr),
+    );
+    let proxy = Proxy::start(&yaml, cert).await;
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let listen = socket.local_addr().unwrap();
+    let config = EncapConfig {
+        proxy: listener_addr(&proxy, "tcp_listener"),
+        client: ClientOptions {
+            server_name: "localhost".into(),
+            ca_pem: Some(proxy.cert.cert_pem.clone()),
+            insecure: false,
+            datagrams: false,
+        },
+        path: PATH.into(),
+        target: "foo.lyft.com:80".into(),
+        idle_timeout: Duration::from_secs(30),
+        http2: true,
+    };
+    tokio::spawn(encap::run(socket, config));
+    let a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let b = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for i in 0..5u8 {
+        assert_eq!(exchange(&a, listen, &[b'a', i]).await, vec![b'a', i]);
+        assert_eq!(exchange(&b, listen, &[b'b', i]).await, vec![b'b', i]);
+    }
+    // 1,200-byte payloads (an inner QUIC packet) cross as capsules too.
+    let big = vec![7u8; 1200];
+    assert_eq!(exchange(&a, listen, &big).await, big);
+    let p = "http.ingress_tcp.";
+    assert_eq!(proxy.stat(&format!("{p}connect_udp.tunnels_total")), 2);
+    assert_eq!(proxy.stat(&format!("{p}downstream_cx_http2_total")), 1);
+    proxy
+        .wait_stat(
+            &format!("{p}connect_udp.downstream_rx_datagrams_capsule"),
+            11,
+        )
+        .await;
+    assert_eq!(target.seen().len(), 11);
+}

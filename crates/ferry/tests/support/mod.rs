@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+pub mod dns;
 pub mod tcp;
 use ferry::client::{ClientOptions, ClientTunnel, H3Client, Received};
 use ferry::server::{Server, ServerState};
