@@ -127,7 +127,7 @@ pub enum Upstream {
     ClientTcp {
         proxy: SocketAddr,
         authority: String,
-        pool: crate::upstream_tcp::TcpPool,
+        pool: Box<crate::upstream_tcp::TcpPool>,
     },
     /// The udp_proxy listener: a host of `cluster` (round robin), on the cluster's pooled
     /// HTTP/3 or HTTP/2 connections (HTTP/1.1: one per tunnel); `authority` is
@@ -258,7 +258,7 @@ pub type TcpTunnel = CapsuleTunnel<crate::upstream_tcp::TcpRecv, crate::upstream
 /// An opened tunnel (any status): what [`Tunneling::open`] returns.
 pub enum Opened {
     /// HTTP/3: datagrams as QUIC DATAGRAM frames where they fit, else capsules.
-    H3(ClientTunnel),
+    H3(Box<ClientTunnel>),
     /// HTTP/2 or HTTP/1.1: every datagram a DATAGRAM capsule. `status` is the client's
     /// view (an HTTP/1.1 `101` is a `200`); `tunnel` is there when the proxy accepted.
     Tcp {
@@ -356,7 +356,7 @@ impl Tunneling {
                     .as_mut()
                     .ok_or_else(|| "no connection to the proxy".to_string())?;
                 let t = c.open(&self.path, &headers, false).await?;
-                Ok((Opened::H3(t), *proxy))
+                Ok((Opened::H3(Box::new(t)), *proxy))
             }
             Upstream::ClientTcp {
                 proxy,
@@ -414,7 +414,7 @@ impl Tunneling {
                 )
                 .await
                 .map_err(|_| format!("proxy {addr} sent no response"))??;
-                Ok((Opened::H3(t.with_lease(lease)), addr))
+                Ok((Opened::H3(Box::new(t.with_lease(lease))), addr))
             }
         }
     }
@@ -462,7 +462,12 @@ pub async fn run(socket: UdpSocket, config: EncapConfig) -> Result<(), String> {
         Upstream::ClientTcp {
             proxy: config.proxy,
             authority,
-            pool: crate::upstream_tcp::TcpPool::new("proxy", http, CLIENT_CONNECT_TIMEOUT, &store),
+            pool: Box::new(crate::upstream_tcp::TcpPool::new(
+                "proxy",
+                http,
+                CLIENT_CONNECT_TIMEOUT,
+                &store,
+            )),
         }
     } else {
         Upstream::Client {
@@ -623,7 +628,7 @@ async fn session(
     }
     shared.up.store(true, Ordering::Release);
     let summary = match opened {
-        Opened::H3(tunnel) => relay(peer, tunnel, &mut from_peer, &socket, &t).await,
+        Opened::H3(tunnel) => relay(peer, *tunnel, &mut from_peer, &socket, &t).await,
         Opened::Tcp {
             tunnel: Some(tunnel),
             ..
