@@ -133,7 +133,7 @@ fn mistakes_are_reported_by_path() {
         "",
     );
     assert_eq!(first_error(&text).path, format!("{F}.session_filters"));
-    // An unknown cluster, and a cluster that is not an HTTP/3 proxy.
+    // An unknown cluster, and a cluster that is not a CONNECT-UDP proxy.
     let text = edit(&example(), "cluster: masque_proxy", "cluster: nope");
     let e = first_error(&text);
     assert_eq!(
@@ -150,7 +150,7 @@ fn mistakes_are_reported_by_path() {
         e.path,
         format!("{F}.matcher.on_no_match.action.typed_config.cluster")
     );
-    assert!(e.message.contains("HTTP/3"), "{e}");
+    assert!(e.message.contains("not a CONNECT-UDP proxy"), "{e}");
     // Ports.
     let text = edit(
         &example(),
