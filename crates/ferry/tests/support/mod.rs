@@ -299,6 +299,23 @@ pub async fn start_default() -> (Proxy, EchoTarget) {
 
 pub const PATH: &str = "/.well-known/masque/udp/foo.lyft.com/80/";
 
+/// Send `payload` as a QUIC datagram until one datagram comes back (datagrams are
+/// unreliable: a lost one is resent every 100 ms), bounded by the deadline.
+pub async fn echo_until_received(t: &mut ClientTunnel, payload: &[u8]) -> Bytes {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        t.send_datagram(payload).unwrap();
+        match tokio::time::timeout(Duration::from_millis(100), t.recv()).await {
+            Ok(Received::Udp(_, b)) => return b,
+            Ok(other) => panic!("expected a datagram, got {other:?}"),
+            Err(_) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "no datagram within the deadline"
+            ),
+        }
+    }
+}
+
 /// The next UDP payload, or a panic naming what came instead.
 pub async fn recv_udp(t: &mut ClientTunnel) -> (ferry::stats::Encoding, Bytes) {
     match tokio::time::timeout(DEADLINE, t.recv()).await {
