@@ -96,36 +96,37 @@ async fn counters_equal_what_was_sent_received_and_dropped() {
     let mut c1 = proxy.client(true).await;
     let mut a = c1.open(PATH, &[], false).await.unwrap();
     assert_eq!(a.status, 200);
-    let mut rx_bytes = 0;
+    // QUIC datagrams are unreliable: each is resent until its echo comes back, and the
+    // expected counters are derived from what the target saw (sizes tell the phases apart).
     for i in 0..10u8 {
         let payload = vec![i; 100 + i as usize];
-        a.send_datagram(&payload).unwrap();
-        let (enc, got) = recv_udp(&mut a).await;
+        let (enc, got) = echo_until_received_enc(&mut a, &payload).await;
         assert_eq!((enc, got.len()), (Encoding::QuicDatagram, payload.len()));
-        rx_bytes += payload.len();
     }
     // Two capsules on the stream: relayed, echoed back as QUIC datagrams.
     for len in [30usize, 31] {
-        a.send_capsule(0, &vec![7; len]).await.unwrap();
-        let (enc, got) = recv_udp(&mut a).await;
-        assert_eq!((enc, got.len()), (Encoding::QuicDatagram, len));
-        rx_bytes += len;
+        let got = echo_capsule_until_received(&mut a, &vec![7; len]).await;
+        assert_eq!(got.len(), len);
     }
     // Three drops: an unknown context id, an unknown capsule type, a datagram for a stream
     // that has no tunnel.
-    a.send_datagram_with_context(1, b"ctx1").unwrap();
-    a.send_any_capsule(0x1234, b"unknown").await.unwrap();
-    c1.conn
-        .send_datagram(h3_datagram(999, 0, b"nobody"))
-        .unwrap();
     proxy
-        .wait_stat(&format!("{P}datagrams_dropped_unknown_context_id"), 1)
+        .send_until_stat(
+            &format!("{P}datagrams_dropped_unknown_context_id"),
+            1,
+            || a.send_datagram_with_context(1, b"ctx1").unwrap(),
+        )
+        .await;
+    a.send_any_capsule(0x1234, b"unknown").await.unwrap();
+    proxy
+        .send_until_stat(&format!("{P}datagrams_dropped_no_such_stream"), 1, || {
+            c1.conn
+                .send_datagram(h3_datagram(999, 0, b"nobody"))
+                .unwrap()
+        })
         .await;
     proxy
         .wait_stat(&format!("{P}datagrams_dropped_unknown_capsule"), 1)
-        .await;
-    proxy
-        .wait_stat(&format!("{P}datagrams_dropped_no_such_stream"), 1)
         .await;
 
     // Client 2 has no HTTP/3 datagrams: capsules both ways.
@@ -136,7 +137,6 @@ async fn counters_equal_what_was_sent_received_and_dropped() {
         b.send(&vec![1; len]).await.unwrap();
         let (enc, got) = recv_udp(&mut b).await;
         assert_eq!((enc, got.len()), (Encoding::Capsule, len));
-        rx_bytes += len;
     }
     // A refused request.
     let refused = c1
@@ -158,18 +158,25 @@ async fn counters_equal_what_was_sent_received_and_dropped() {
     proxy
         .wait_stat("http.ingress_http.downstream_cx_active", 0)
         .await;
-    assert_eq!(target.seen().len(), 17);
+    let seen = target.seen();
+    let count = |f: &dyn Fn(usize) -> bool| seen.iter().filter(|p| f(p.len())).count() as i64;
+    let quic_in = count(&|n| (100..110).contains(&n));
+    let capsules_in = count(&|n| n < 100);
+    let to_a = count(&|n| !(50..100).contains(&n));
+    let total = seen.len() as i64;
+    let rx_bytes: usize = seen.iter().map(|p| p.len()).sum();
+    assert!(quic_in >= 10 && capsules_in >= 7 && total >= 17, "{total}");
 
     let (v, h) = parse_stats(&get(proxy.admin, "/stats").await);
     let want: &[(&str, i64)] = &[
-        ("connect_udp.downstream_rx_datagrams_quic", 10),
-        ("connect_udp.downstream_rx_datagrams_capsule", 7),
+        ("connect_udp.downstream_rx_datagrams_quic", quic_in),
+        ("connect_udp.downstream_rx_datagrams_capsule", capsules_in),
         ("connect_udp.downstream_rx_bytes", rx_bytes as i64),
-        ("connect_udp.downstream_tx_datagrams_quic", 12),
+        ("connect_udp.downstream_tx_datagrams_quic", to_a),
         ("connect_udp.downstream_tx_datagrams_capsule", 5),
         ("connect_udp.downstream_tx_bytes", rx_bytes as i64),
-        ("connect_udp.upstream_datagrams_tx", 17),
-        ("connect_udp.upstream_datagrams_rx", 17),
+        ("connect_udp.upstream_datagrams_tx", total),
+        ("connect_udp.upstream_datagrams_rx", total),
         ("connect_udp.datagrams_dropped_unknown_context_id", 1),
         ("connect_udp.datagrams_dropped_unknown_capsule", 1),
         ("connect_udp.datagrams_dropped_no_such_stream", 1),
@@ -482,7 +489,8 @@ async fn access_log_lines_for_success_rejection_drop_and_idle() {
         json_path.to_str().unwrap(),
     );
     let proxy = Proxy::start(&yaml, cert).await;
-    let mut client = proxy.client(true).await;
+    // Capsules only: reliable both ways, so the logged counts are exact.
+    let mut client = proxy.client(false).await;
 
     // 1. A tunnel that relays 3 datagrams each way and drops 2 (unknown context id,
     //    unknown capsule), then ends cleanly.
@@ -491,10 +499,10 @@ async fn access_log_lines_for_success_rejection_drop_and_idle() {
         .await
         .unwrap();
     for i in 0..3u8 {
-        t.send_datagram(&[i; 10]).unwrap();
+        t.send(&[i; 10]).await.unwrap();
         recv_udp(&mut t).await;
     }
-    t.send_datagram_with_context(5, b"x").unwrap();
+    t.send_capsule(5, b"x").await.unwrap();
     t.send_any_capsule(0x2a, b"y").await.unwrap();
     proxy
         .wait_stat(&format!("{P}datagrams_dropped_unknown_context_id"), 1)
@@ -664,8 +672,7 @@ impl Running {
 }
 
 async fn echo(t: &mut ferry::client::ClientTunnel, payload: &[u8]) {
-    t.send_datagram(payload).unwrap();
-    let (_, got) = recv_udp(t).await;
+    let got = echo_until_received(t, payload).await;
     assert_eq!(&got[..], payload);
 }
 

@@ -79,8 +79,7 @@ async fn echo_through(proxy: &Proxy, host: &str, target: &EchoTarget, n: usize) 
         .await
         .unwrap();
     assert_eq!(t.status.as_u16(), 200, "{host}: {}", proxy_status(&t));
-    t.send(b"ping").await.unwrap();
-    let (_, reply) = recv_udp(&mut t).await;
+    let reply = echo_until_received(&mut t, b"ping").await;
     assert_eq!(&reply[..], b"ping");
     target.wait_for(n).await;
 }
@@ -125,8 +124,7 @@ async fn targets_by_ipv4_ipv6_and_hosts_file_name() {
         .await
         .unwrap();
     assert_eq!(t.status.as_u16(), 200, "{}", proxy_status(&t));
-    t.send(b"six").await.unwrap();
-    assert_eq!(&recv_udp(&mut t).await.1[..], b"six");
+    assert_eq!(&echo_until_received(&mut t, b"six").await[..], b"six");
     assert_eq!(proxy.stat(&format!("{CU}tunnels_total")), 4);
     assert_eq!(proxy.stat("cluster.target.upstream_cx_total"), 4);
 }

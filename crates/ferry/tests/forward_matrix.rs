@@ -117,8 +117,7 @@ async fn exchange(a: &Proxy, down: Down, n: usize) {
             let mut client = H3ClientFor::new(a).await;
             let t = &mut client.tunnel;
             for i in 0..n {
-                t.send_datagram(&payload(i)).unwrap();
-                let (enc, got) = recv_udp(t).await;
+                let (enc, got) = echo_until_received_enc(t, &payload(i)).await;
                 assert_eq!(enc, Encoding::QuicDatagram, "{down:?} #{i}");
                 assert_eq!(&got[..], &payload(i)[..], "{down:?} #{i}");
             }
@@ -141,13 +140,9 @@ async fn exchange(a: &Proxy, down: Down, n: usize) {
             let ok = if down == Down::H1 { 101 } else { 200 };
             assert_eq!(t.status, ok, "{down:?}: {}", t.proxy_status());
             assert_eq!(t.headers.get("capsule-protocol").unwrap(), "?1");
+            // A hop after this one may use QUIC datagrams: resent until echoed.
             for i in 0..n {
-                t.send(&payload(i)).await;
-                assert_eq!(
-                    &t.recv().await.unwrap()[..],
-                    &payload(i)[..],
-                    "{down:?} #{i}"
-                );
+                t.echo_until_received(&payload(i)).await;
             }
         }
     }
@@ -182,7 +177,8 @@ async fn matrix_row(up: Up) {
     let a = forwarder(up, &b).await;
     for (k, down) in [Down::H3, Down::H2, Down::H1].into_iter().enumerate() {
         exchange(&a, down, N).await;
-        assert_eq!(target.seen().len(), (k + 1) * N, "{up:?} <- {down:?}");
+        // At least N more (lost QUIC datagrams are resent).
+        assert!(target.seen().len() >= (k + 1) * N, "{up:?} <- {down:?}");
     }
     let p = "http.ingress_tcp.connect_udp.";
     let a_h3 = "http.ingress_h3.connect_udp.";
@@ -196,7 +192,8 @@ async fn matrix_row(up: Up) {
         Up::H2Plain | Up::H1Plain => "http.ingress_plain.connect_udp.",
     };
     assert_eq!(b.stat(&format!("{b_prefix}tunnels_total")), 3);
-    let all = (3 * N) as u64;
+    // Every datagram the target saw went through B once.
+    let all = target.seen().len() as u64;
     match up {
         // Capsules from the HTTP/2 and HTTP/1.1 clients became QUIC datagrams on the HTTP/3
         // hop (RFC 9297 section 3.5): B received every datagram as a QUIC datagram.

@@ -272,6 +272,38 @@ impl Proxy {
         self.state.stats.value(name).unwrap_or(0)
     }
 
+    /// Call `send` (a QUIC datagram the proxy must count) until the stat reaches `value`.
+    /// QUIC datagrams may be lost; on loopback one arrives within milliseconds or never, so
+    /// a resend after a second of silence does not double-count.
+    pub async fn send_until_stat(&self, name: &str, value: u64, mut send: impl FnMut()) {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while self.stat(name) < value {
+            send();
+            let wait = tokio::time::Instant::now() + Duration::from_secs(1);
+            while self.stat(name) < value && tokio::time::Instant::now() < wait {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name} = {}, wanted {value}",
+                self.stat(name)
+            );
+        }
+        assert_eq!(self.stat(name), value, "{name}");
+    }
+
+    /// Wait until a stat reaches at least `value` (where resends may add to it).
+    pub async fn wait_stat_at_least(&self, name: &str, value: u64) -> u64 {
+        let ok = tokio::time::timeout(DEADLINE, async {
+            while self.stat(name) < value {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(ok.is_ok(), "{name} = {}, wanted {value}+", self.stat(name));
+        self.stat(name)
+    }
+
     /// Wait until a stat reaches `value`.
     pub async fn wait_stat(&self, name: &str, value: u64) {
         let ok = tokio::time::timeout(DEADLINE, async {
@@ -302,18 +334,116 @@ pub const PATH: &str = "/.well-known/masque/udp/foo.lyft.com/80/";
 /// Send `payload` as a QUIC datagram until one datagram comes back (datagrams are
 /// unreliable: a lost one is resent every 100 ms), bounded by the deadline.
 pub async fn echo_until_received(t: &mut ClientTunnel, payload: &[u8]) -> Bytes {
+    echo_until_received_enc(t, payload).await.1
+}
+
+/// As `echo_until_received`, with the encoding the echo came back in.
+pub async fn echo_until_received_enc(
+    t: &mut ClientTunnel,
+    payload: &[u8],
+) -> (ferry::stats::Encoding, Bytes) {
+    t.send_datagram(payload).unwrap();
+    // Any other payload is the late echo of an earlier resend.
+    await_echo(t, payload, |_| true).await
+}
+
+/// Wait for the echo of `payload` (already sent as a QUIC datagram), resending it after
+/// each 100 ms of silence, bounded by the deadline. Other payloads for which `is_stale`
+/// holds (late echoes of earlier resends) are skipped; any other is a panic.
+pub async fn await_echo(
+    t: &mut ClientTunnel,
+    payload: &[u8],
+    is_stale: impl Fn(&[u8]) -> bool,
+) -> (ferry::stats::Encoding, Bytes) {
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {
-        t.send_datagram(payload).unwrap();
-        match tokio::time::timeout(Duration::from_millis(100), t.recv()).await {
-            Ok(Received::Udp(_, b)) => return b,
-            Ok(other) => panic!("expected a datagram, got {other:?}"),
+        let echo = tokio::time::timeout(Duration::from_millis(100), async {
+            loop {
+                match t.recv().await {
+                    Received::Udp(enc, b) if &b[..] == payload => return (enc, b),
+                    Received::Udp(_, b) if is_stale(&b) => continue,
+                    Received::Udp(_, b) => panic!("sent {payload:?}, got {b:?}"),
+                    end => panic!("expected a datagram, got {end:?}"),
+                }
+            }
+        })
+        .await;
+        match echo {
+            Ok(got) => return got,
+            Err(_) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "no echo within the deadline"
+                );
+                t.send_datagram(payload).unwrap();
+            }
+        }
+    }
+}
+
+/// Send `payload` as a DATAGRAM capsule until one UDP payload comes back (the capsule is
+/// reliable, but the echo may return as a QUIC datagram, which is not), bounded by the
+/// deadline. The target may see the payload more than once.
+pub async fn echo_capsule_until_received(t: &mut ClientTunnel, payload: &[u8]) -> Bytes {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut other = None;
+    loop {
+        t.send_capsule(0, payload).await.unwrap();
+        // Wait for this payload's echo; a late echo of an earlier resend is skipped.
+        let echo = tokio::time::timeout(Duration::from_millis(200), async {
+            loop {
+                match t.recv().await {
+                    Received::Udp(_, b) if &b[..] == payload => return b,
+                    Received::Udp(_, b) => other = Some(b),
+                    end => panic!("expected a datagram, got {end:?}"),
+                }
+            }
+        })
+        .await;
+        match echo {
+            Ok(got) => return got,
             Err(_) => assert!(
                 tokio::time::Instant::now() < deadline,
-                "no datagram within the deadline"
+                "no echo within the deadline (last other payload: {other:?})"
             ),
         }
     }
+}
+
+/// Send `payload` as a QUIC datagram every 100 ms until the stream ends (for a target whose
+/// ICMP error must end the tunnel; one datagram may be lost), and return how it ended.
+pub async fn send_until_end(t: &mut ClientTunnel, payload: &[u8]) -> Received {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let _ = t.send_datagram(payload);
+        match tokio::time::timeout(Duration::from_millis(100), t.recv()).await {
+            Ok(Received::Udp(..)) => continue,
+            Ok(end) => return end,
+            Err(_) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "stream did not end within the deadline"
+            ),
+        }
+    }
+}
+
+/// A loopback address (UDP or TCP) where nothing listens. The port is below the ephemeral
+/// range (32768+ on Linux), so no test socket bound to port 0 can take it in the meantime
+/// and swallow what should draw ICMP port unreachable or a refused connection.
+pub fn closed_port() -> SocketAddr {
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    // Spread concurrent test processes over the range by pid.
+    let base = 20_000 + (std::process::id() % 500) as u16 * 20;
+    for _ in 0..1000 {
+        let port = base + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 10_000;
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let free =
+            std::net::UdpSocket::bind(addr).is_ok() && std::net::TcpListener::bind(addr).is_ok();
+        if free {
+            return addr;
+        }
+    }
+    panic!("no free port below the ephemeral range");
 }
 
 /// The next UDP payload, or a panic naming what came instead.
@@ -343,8 +473,23 @@ pub fn proxy_status(t: &ClientTunnel) -> String {
         .to_string()
 }
 
-pub fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .map(|d| d.count())
-        .unwrap_or(0)
+/// How many IPv4 UDP sockets on this machine are connected to `peer` (from
+/// `/proc/net/udp`): the tunnels' sockets to a test's own target, unaffected by the file
+/// descriptors other tests in this process open and close meanwhile.
+pub fn udp_sockets_connected_to(peer: SocketAddr) -> usize {
+    let SocketAddr::V4(v4) = peer else {
+        panic!("IPv4 only")
+    };
+    // The kernel prints the address as the in-memory u32 in hex, and the port in hex.
+    let want = format!(
+        "{:08X}:{:04X}",
+        u32::from_ne_bytes(v4.ip().octets()),
+        v4.port()
+    );
+    std::fs::read_to_string("/proc/net/udp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter(|l| l.split_whitespace().nth(2) == Some(want.as_str()))
+        .count()
 }

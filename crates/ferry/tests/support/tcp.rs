@@ -177,6 +177,32 @@ impl TcpTunnel {
         .await
         .expect("nothing arrived within the deadline")
     }
+
+    /// Send `payload` as a capsule until its echo comes back: a hop behind this one may
+    /// carry it as an (unreliable) QUIC datagram. Late echoes of resends are skipped.
+    pub async fn echo_until_received(&mut self, payload: &[u8]) {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            self.send(payload).await;
+            let echo = tokio::time::timeout(std::time::Duration::from_millis(200), async {
+                loop {
+                    match self.recv().await {
+                        Some(b) if &b[..] == payload => return,
+                        Some(_) => continue,
+                        None => panic!("the stream ended"),
+                    }
+                }
+            })
+            .await;
+            if echo.is_ok() {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no echo within the deadline"
+            );
+        }
+    }
 }
 
 /// The route list (YAML, at route level) that terminates every CONNECT-UDP request.
