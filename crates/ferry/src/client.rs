@@ -125,14 +125,17 @@ pub async fn open_on(
     if end_stream {
         stream.finish().await.map_err(|e| format!("finish: {e}"))?;
     }
-    let resp = stream
-        .recv_response()
-        .await
-        .map_err(|e| format!("recv_response: {e}"))?;
+    // Register for datagrams before the response can arrive: the proxy may send one right
+    // after its 2xx, and QUIC does not order it after the HEADERS frame. (No read is
+    // pending yet, so `id()` is safe with h3-quinn.)
     let stream_id = stream.id().into_inner();
     let (tx, rx) = mpsc::channel(4096);
     let sink: Arc<dyn DatagramSink> = Arc::new(ChannelSink(tx));
     let registration = RegistrationGuard::new(registry, stream_id, sink);
+    let resp = stream
+        .recv_response()
+        .await
+        .map_err(|e| format!("recv_response: {e}"))?;
     Ok(ClientTunnel {
         status: resp.status(),
         headers: resp.headers().clone(),

@@ -72,6 +72,52 @@ impl Drop for RegistrationGuard {
     }
 }
 
+/// Datagrams that arrive for a stream before its tunnel is ready to take them: a next hop
+/// may send one right after its 2xx, and QUIC does not order it after the HEADERS frame.
+/// Registered when the request is sent; bounded (overflow counted as `buffer_full` by the
+/// demux); handed over to the tunnel's real sink, in order, once the tunnel is up.
+pub struct EarlyDatagrams {
+    guard: RegistrationGuard,
+    rx: mpsc::Receiver<Bytes>,
+}
+
+/// How many datagrams may wait for a tunnel that is being set up.
+pub const EARLY_DATAGRAMS: usize = 32;
+
+struct EarlySink(mpsc::Sender<Bytes>);
+
+impl DatagramSink for EarlySink {
+    fn deliver(&self, payload: Bytes) -> Result<(), DropReason> {
+        self.0.try_send(payload).map_err(|_| DropReason::BufferFull)
+    }
+}
+
+impl EarlyDatagrams {
+    pub fn register(registry: &Registry, stream_id: u64) -> Self {
+        let (tx, rx) = mpsc::channel(EARLY_DATAGRAMS);
+        let guard = RegistrationGuard::new(registry, stream_id, Arc::new(EarlySink(tx)));
+        EarlyDatagrams { guard, rx }
+    }
+
+    /// Route the stream's datagrams to `sink` from now on, after delivering those that
+    /// waited. The early queue's only sender lives in the demux's table, so the queue ends
+    /// exactly when the demux has switched to `sink`: nothing is lost in between.
+    pub async fn hand_over(
+        mut self,
+        sink: Arc<dyn DatagramSink>,
+        stats: &ConnectUdpStats,
+    ) -> RegistrationGuard {
+        self.guard.registry.add(self.guard.stream_id, sink.clone());
+        while let Some(payload) = self.rx.recv().await {
+            if let Err(reason) = sink.deliver(payload) {
+                stats.drop(reason);
+                sink.dropped(reason);
+            }
+        }
+        self.guard
+    }
+}
+
 /// Start the reader for `conn`. It ends when the connection closes.
 pub fn spawn(conn: quinn::Connection, stats: ConnectUdpStats) -> Registry {
     let (tx, rx) = mpsc::unbounded_channel();
@@ -125,5 +171,62 @@ fn route(tunnels: &HashMap<u64, Arc<dyn DatagramSink>>, dg: Bytes, stats: &Conne
     if let Err(reason) = sink.deliver(dg.slice(header_len..)) {
         stats.drop(reason);
         sink.dropped(reason);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use super::*;
+    use crate::stats::{HttpStats, Store};
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Collect(Mutex<Vec<Bytes>>);
+
+    impl DatagramSink for Collect {
+        fn deliver(&self, payload: Bytes) -> Result<(), DropReason> {
+            self.0.lock().unwrap().push(payload);
+            Ok(())
+        }
+    }
+
+    /// Datagrams that arrive between the request and the relay are delivered, in order,
+    /// once the tunnel's sink takes over; the overflow past the bound is refused.
+    #[tokio::test]
+    async fn early_datagrams_are_handed_over_in_order() {
+        let (tx, mut table) = mpsc::unbounded_channel();
+        let registry = Registry(tx);
+        let stats = HttpStats::new(&Store::new(), "t").connect_udp;
+        let early = EarlyDatagrams::register(&registry, 8);
+        let Some(Registration::Add { stream_id: 8, sink }) = table.recv().await else {
+            panic!("expected the early registration")
+        };
+        // The demux delivers to the early sink before the tunnel is up.
+        for i in 0..EARLY_DATAGRAMS as u8 {
+            sink.deliver(Bytes::from(vec![i])).unwrap();
+        }
+        assert_eq!(
+            sink.deliver(Bytes::from_static(b"over")),
+            Err(DropReason::BufferFull)
+        );
+        let real = Arc::new(Collect::default());
+        let handing = tokio::spawn({
+            let real = real.clone() as Arc<dyn DatagramSink>;
+            async move { early.hand_over(real, &stats).await }
+        });
+        // The demux switches: the early sink (the queue's only sender) is dropped.
+        let Some(Registration::Add { stream_id: 8, .. }) = table.recv().await else {
+            panic!("expected the hand-over")
+        };
+        drop(sink);
+        let guard = handing.await.unwrap();
+        let got: Vec<u8> = real.0.lock().unwrap().iter().map(|b| b[0]).collect();
+        assert_eq!(got, (0..EARLY_DATAGRAMS as u8).collect::<Vec<_>>());
+        drop(guard);
+        assert!(matches!(
+            table.recv().await,
+            Some(Registration::Remove { stream_id: 8 })
+        ));
     }
 }

@@ -43,6 +43,8 @@ pub struct QuicSide {
     /// The hop's HTTP/3 state: whether it sent SETTINGS_H3_DATAGRAM is read per datagram
     /// (a `OnceLock` read), because the SETTINGS frame can arrive after the tunnel is set up.
     pub peer: Arc<h3::SharedState>,
+    /// Datagrams that arrived (next hop side) before the relay was ready for them.
+    pub early: Option<crate::demux::EarlyDatagrams>,
 }
 
 /// One hop of a forwarded tunnel: its request stream's halves and, over HTTP/3, its QUIC
@@ -255,7 +257,7 @@ where
     let Side {
         recv: mut up_recv,
         send: mut up_send,
-        quic: up_quic,
+        quic: mut up_quic,
         respond: _,
     } = up;
 
@@ -285,13 +287,16 @@ where
             toward_up.clone() as Arc<dyn DatagramSink>,
         )
     });
-    let _up_reg = up_quic.as_ref().map(|q| {
-        RegistrationGuard::new(
-            &q.registry,
-            q.stream_id,
-            toward_down.clone() as Arc<dyn DatagramSink>,
-        )
-    });
+    let _up_reg = match up_quic.as_mut() {
+        Some(q) => {
+            let sink = toward_down.clone() as Arc<dyn DatagramSink>;
+            Some(match q.early.take() {
+                Some(early) => early.hand_over(sink, stats).await,
+                None => RegistrationGuard::new(&q.registry, q.stream_id, sink),
+            })
+        }
+        None => None,
+    };
     // Capsule-only hop -> HTTP/3 hop: convert DATAGRAM capsules.
     let convert_up = (down_quic.is_none() && up_quic.is_some()).then_some(&*toward_up);
     let convert_down = (up_quic.is_none() && down_quic.is_some()).then_some(&*toward_down);
@@ -363,6 +368,7 @@ pub enum NextHopTunnel {
     H3 {
         stream: Box<UpStream>,
         lease: StreamLease,
+        early: crate::demux::EarlyDatagrams,
     },
     /// An HTTP/2 or HTTP/1.1 upgraded stream.
     Tcp {
@@ -391,7 +397,11 @@ pub async fn relay_next_hop<DR: StreamRecv, DS: StreamSend>(
     shutdown: crate::shutdown::Waiter,
 ) -> crate::tunnel::End {
     match up {
-        NextHopTunnel::H3 { stream, lease } => {
+        NextHopTunnel::H3 {
+            stream,
+            lease,
+            early,
+        } => {
             let stream_id = stream.id().into_inner();
             let (send, recv) = (*stream).split();
             let up = Side {
@@ -402,6 +412,7 @@ pub async fn relay_next_hop<DR: StreamRecv, DS: StreamSend>(
                     registry: lease.conn.registry.clone(),
                     stream_id,
                     peer: lease.conn.peer.clone(),
+                    early: Some(early),
                 }),
                 respond: None,
             };
@@ -606,6 +617,9 @@ async fn open_h3(
             format!("next hop {addr}: {e}"),
         )
     })?;
+    // The next hop may send a datagram right after its 2xx: take it from now on. (No read
+    // is pending yet, so `id()` is safe with h3-quinn.)
+    let early = crate::demux::EarlyDatagrams::register(&lease.conn.registry, up.id().into_inner());
     let resp = match tokio::time::timeout(RESPONSE_TIMEOUT, up.recv_response()).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
@@ -626,6 +640,7 @@ async fn open_h3(
         tunnel: status.is_success().then_some(NextHopTunnel::H3 {
             stream: Box::new(up),
             lease,
+            early,
         }),
         addr,
     })
@@ -749,6 +764,7 @@ pub async fn forward_h3(
             registry,
             stream_id: down_stream_id,
             peer,
+            early: None,
         }),
         respond: Some(down_resp),
     };
