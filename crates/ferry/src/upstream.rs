@@ -99,6 +99,17 @@ pub struct UpstreamPool {
     demux_stats: ConnectUdpStats,
 }
 
+/// Say once, at load, that a cluster's next hops are trusted blindly: a TLS (or QUIC)
+/// upstream without `validation_context.trusted_ca`, which Envoy accepts too.
+pub fn warn_if_unverified(cluster: &str, config: &UpstreamHttp) {
+    if !config.plaintext && config.tls.trusted_ca_pem.is_none() {
+        tracing::warn!(
+            cluster,
+            "no validation_context.trusted_ca: the next hop's certificate is NOT verified (as in Envoy)"
+        );
+    }
+}
+
 impl UpstreamPool {
     pub fn new(
         cluster: &str,
@@ -106,12 +117,7 @@ impl UpstreamPool {
         connect_timeout: Duration,
         store: &Arc<Store>,
     ) -> Self {
-        if config.tls.trusted_ca_pem.is_none() {
-            tracing::warn!(
-                cluster,
-                "no validation_context.trusted_ca: the next hop's certificate is NOT verified (as in Envoy)"
-            );
-        }
+        warn_if_unverified(cluster, &config);
         UpstreamPool {
             cluster: cluster.to_owned(),
             config,

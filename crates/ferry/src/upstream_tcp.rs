@@ -78,12 +78,7 @@ impl TcpPool {
         connect_timeout: Duration,
         store: &Arc<Store>,
     ) -> Self {
-        if !config.plaintext && config.tls.trusted_ca_pem.is_none() {
-            tracing::warn!(
-                cluster,
-                "no validation_context.trusted_ca: the next hop's certificate is NOT verified (as in Envoy)"
-            );
-        }
+        crate::upstream::warn_if_unverified(cluster, &config);
         TcpPool {
             cluster: cluster.to_owned(),
             config,
