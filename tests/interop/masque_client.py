@@ -484,13 +484,16 @@ async def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", default="localhost:9000", help="target_host:target_port for the path")
     ap.add_argument("--capsules", action="store_true", help="capsule-only client (no SETTINGS_H3_DATAGRAM)")
     ap.add_argument("--count", type=int, default=3)
+    ap.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
+                    help="an extra request header (repeatable), e.g. credentials")
     ap.add_argument("message", nargs="?", default="hello through ferry")
     args = ap.parse_args(argv)
     host, _, port = args.proxy.rpartition(":")
     thost, _, tport = args.target.rpartition(":")
     async with MasqueClient.connect(host, int(port), h3_datagram=not args.capsules,
                                     cafile=None if args.insecure else args.ca) as client:
-        tunnel = await client.tunnel(thost, tport)
+        extra = [tuple(part.strip() for part in h.split(":", 1)) for h in args.header]
+        tunnel = await client.tunnel(thost, tport, extra_headers=extra)
         print(f"status {tunnel.status} proxy-status={tunnel.header('proxy-status')!r}")
         if tunnel.status != 200:
             return 1

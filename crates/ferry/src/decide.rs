@@ -27,6 +27,7 @@ pub fn reject(status: u16, error: Option<&'static str>, details: impl Into<Strin
         error,
         details: details.into(),
         rcode: None,
+        challenge: None,
     }
 }
 
