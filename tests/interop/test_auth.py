@@ -40,7 +40,7 @@ CASES = [
 
 @pytest.mark.parametrize("name,headers,expected", CASES, ids=[c[0] for c in CASES])
 def test_basic_auth_h3(impl, start_proxy, udp_target, name, headers, expected):
-    proxy = start_proxy("basic-auth-h3.yaml.in", AUTH_HEADER="authorization")
+    proxy = start_proxy("basic-auth-h3.yaml.in", AUTH_HEADER="authorization", DOMAIN='"*"')
 
     async def go():
         async with MasqueClient.connect("127.0.0.1", proxy.listener_port) as client:
@@ -67,7 +67,7 @@ def test_basic_auth_h3(impl, start_proxy, udp_target, name, headers, expected):
 
 def test_basic_auth_proxy_authorization_header(impl, start_proxy, udp_target):
     """authentication_header: proxy-authorization, as a CONNECT-UDP client would send."""
-    proxy = start_proxy("basic-auth-h3.yaml.in", AUTH_HEADER="proxy-authorization")
+    proxy = start_proxy("basic-auth-h3.yaml.in", AUTH_HEADER="proxy-authorization", DOMAIN='"*"')
 
     async def go():
         async with MasqueClient.connect("127.0.0.1", proxy.listener_port) as client:
@@ -77,6 +77,26 @@ def test_basic_auth_proxy_authorization_header(impl, start_proxy, udp_target):
             plain = await client.tunnel(
                 "foo.lyft.com", 80, extra_headers=[("authorization", basic("alice", "password"))])
             assert plain.status == 401, f"{impl}: {plain.headers}"
+
+    run_async(go())
+    assert proxy.counter("http.ingress_http.basic_auth.allowed") == 1
+    assert proxy.counter("http.ingress_http.basic_auth.denied") == 1
+
+
+def test_basic_auth_runs_before_the_route_lookup(impl, start_proxy):
+    """Envoy's filters run before its router: a request that matches no virtual host gets
+    401 without credentials and 404 only with good ones."""
+    proxy = start_proxy("basic-auth-h3.yaml.in", AUTH_HEADER="authorization",
+                        DOMAIN='"only.example:443"')
+
+    async def go():
+        async with MasqueClient.connect("127.0.0.1", proxy.listener_port) as client:
+            anonymous = await client.tunnel("foo.lyft.com", 80)
+            assert anonymous.status == 401, f"{impl}: {anonymous.headers}"
+            assert anonymous.header("www-authenticate") == REALM
+            authed = await client.tunnel(
+                "foo.lyft.com", 80, extra_headers=[("authorization", basic("alice", "password"))])
+            assert authed.status == 404, f"{impl}: {authed.headers}"
 
     run_async(go())
     assert proxy.counter("http.ingress_http.basic_auth.allowed") == 1

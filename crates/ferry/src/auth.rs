@@ -102,55 +102,59 @@ pub fn rejection(denial: Denial, scheme: &str, authority: &str, path: &str) -> R
 /// A header to add to a request forwarded to a next hop (`forward_username_header`).
 pub type ForwardHeader = Option<(http::HeaderName, http::HeaderValue)>;
 
-/// Applies the HCM's basic_auth filter, if any, to a request `decide` accepted (Envoy
-/// runs its HTTP filters once the request is routed; refusals made before that, such as
-/// a bad CONNECT-UDP path or an upgrade the route does not enable, come first). Counts
-/// `basic_auth.allowed` / `.denied`. `tls`: the request came over TLS or QUIC (the
-/// realm's scheme).
+/// Applies the HCM's basic_auth filter, if any, to what `decide` made of a request, in
+/// Envoy's order: refusals Envoy makes before its HTTP filters run (a malformed request,
+/// a path that is not the CONNECT-UDP template, an upgrade the route does not enable)
+/// stand; every other request, routed or not (Envoy's router, the last filter, is what
+/// answers 404), must carry good credentials, else it gets the 401. Counts
+/// `basic_auth.allowed` / `.denied`. `tls`: the request came over TLS or QUIC (the realm's
+/// scheme). Returns the decision and, for a request forwarded to a next hop, the
+/// `forward_username_header` to add.
 pub fn authorize(
     hcm: &HttpConnectionManager,
-    plan: &Plan,
+    decision: Result<Plan, Rejection>,
     head: &RequestHead<'_>,
     headers: &http::HeaderMap,
     tls: bool,
     stats: &AuthStats,
-) -> Result<ForwardHeader, Rejection> {
+) -> (Result<Plan, Rejection>, ForwardHeader) {
     let Some(cfg) = &hcm.basic_auth else {
-        return Ok(None);
+        return (decision, None);
     };
+    if let Err(r) = &decision {
+        if !crate::decide::refused_after_filters(r) {
+            return (decision, None);
+        }
+    }
     match check(cfg, headers) {
         Ok(user) => {
             stats.basic_auth(true).inc();
-            let forward = match plan {
-                Plan::Forward { .. } => cfg.forward_username_header.as_deref().and_then(|h| {
+            let forward = match &decision {
+                Ok(Plan::Forward { .. }) => cfg.forward_username_header.as_deref().and_then(|h| {
                     Some((
                         http::HeaderName::from_bytes(h.as_bytes()).ok()?,
                         http::HeaderValue::from_str(&user).ok()?,
                     ))
                 }),
-                Plan::Terminate { .. } => None,
+                _ => None,
             };
-            Ok(forward)
+            (decision, forward)
         }
         Err(denial) => {
             stats.basic_auth(false).inc();
             // Envoy builds the realm after its Host rewrite (`target_host:target_port`).
-            let authority = match plan {
-                Plan::Terminate { target, .. } => target.authority(),
-                Plan::Forward {
+            let authority = match &decision {
+                Ok(Plan::Terminate { target, .. }) => target.authority(),
+                Ok(Plan::Forward {
                     authority: Some(a), ..
-                } => a.clone(),
-                Plan::Forward {
-                    authority: None, ..
-                } => head.authority.unwrap_or_default().to_owned(),
+                }) => a.clone(),
+                _ => ferry_proto::request::validate_connect_udp(head)
+                    .map(|t| t.authority())
+                    .unwrap_or_else(|_| head.authority.unwrap_or_default().to_owned()),
             };
             let scheme = if tls { "https" } else { "http" };
-            Err(rejection(
-                denial,
-                scheme,
-                &authority,
-                head.path.unwrap_or_default(),
-            ))
+            let r = rejection(denial, scheme, &authority, head.path.unwrap_or_default());
+            (Err(r), None)
         }
     }
 }

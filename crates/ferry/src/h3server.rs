@@ -257,12 +257,14 @@ async fn handle_request(
         capsule_protocol: header_str(&req, "capsule-protocol"),
     };
     let is_connect_udp = ferry_proto::request::is_connect_udp(&head);
-    let mut forward_user = None;
-    let plan = decide::decide(&hcm, &head).and_then(|plan| {
-        forward_user =
-            crate::auth::authorize(&hcm, &plan, &head, req.headers(), true, &ctx.stats.auth)?;
-        Ok(plan)
-    });
+    let (plan, forward_user) = crate::auth::authorize(
+        &hcm,
+        decide::decide(&hcm, &head),
+        &head,
+        req.headers(),
+        true,
+        &ctx.stats.auth,
+    );
     tracing::debug!(method = head.method, path = ?head.path, authority = ?head.authority, ?plan, "request");
     let result = match plan {
         Ok(Plan::Terminate { cluster, target }) => {

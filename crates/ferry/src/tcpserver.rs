@@ -358,12 +358,8 @@ async fn respond(
             ),
         ));
     }
-    let mut forward_user = None;
-    let plan = plan.and_then(|plan| {
-        forward_user =
-            crate::auth::authorize(&hcm, &plan, &head, req.headers(), tls, &ctx.stats.auth)?;
-        Ok(plan)
-    });
+    let (plan, forward_user) =
+        crate::auth::authorize(&hcm, plan, &head, req.headers(), tls, &ctx.stats.auth);
     tracing::debug!(method = head.method, path = ?head.path, h1, ?plan, "request");
     let refuse = |r: Rejection| {
         if is_connect_udp {
