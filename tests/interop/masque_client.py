@@ -375,6 +375,7 @@ class MasqueClient:
         max_datagram_size: int = 1350,
         idle_timeout: float = 10.0,
         timeout: float = DEFAULT_TIMEOUT,
+        client_cert: tuple[str, str] | None = None,
     ) -> AsyncIterator["MasqueClient"]:
         """Open an HTTP/3 connection (ALPN h3). ``cafile=None`` disables verification.
 
@@ -396,6 +397,8 @@ class MasqueClient:
             config.verify_mode = ssl.CERT_NONE
         else:
             config.load_verify_locations(cafile)
+        if client_cert is not None:  # (certfile, keyfile): mutual TLS
+            config.load_cert_chain(*client_cert)
 
         # Like aioquic.asyncio.connect, but the client socket is bound to the loopback
         # address of the proxy's family (aioquic's own connect binds the "::" wildcard).
