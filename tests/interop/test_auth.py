@@ -224,3 +224,59 @@ def test_mtls_h3(impl, start_proxy, workdir, udp_target):
     assert stats.get(SSL + "fail_verify_error") == "1", stats
     # Envoy 1.40 does not count a QUIC client without a certificate; Ferry counts it as on TCP.
     assert stats.get(SSL + "fail_verify_no_cert") == ("1" if impl == "ferry" else "0"), stats
+
+
+# --------------------------------------------------------------------------- forwarding
+
+
+@pytest.mark.parametrize("first_impl", ["envoy", "ferry"])
+def test_forward_username_header(first_impl, spawn_proxy, workdir, udp_target):
+    """A first hop with basic_auth and forward_username_header forwards the user name (and,
+    as Envoy does, the credentials) to the next hop, here Envoy logging both."""
+    import json
+    import time
+
+    from conftest import render_bootstrap
+
+    log = workdir / "next-hop.json"
+    term = render_bootstrap("terminate-h3-access-log.yaml.in", workdir / "next-hop.yaml",
+                            ECHO_PORT=udp_target.port, TEXT_LOG=workdir / "next-hop.txt", JSON_LOG=log)
+    text = term.read_text()
+    anchor = '                  method: "%REQ(:METHOD)%"\n'
+    assert anchor in text
+    term.write_text(text.replace(anchor, '                  user: "%REQ(X-USER)%"\n'
+                                         '                  credentials: "%REQ(AUTHORIZATION)%"\n' + anchor))
+    next_hop = spawn_proxy("envoy", "envoy-next", config=term)
+    fwd = render_bootstrap("forward-h3.yaml.in", workdir / "first-hop.yaml",
+                           NEXT_HOP_PORT=next_hop.listener_port)
+    text = fwd.read_text()
+    assert "          http_filters:\n" in text
+    fwd.write_text(text.replace("          http_filters:\n", """          http_filters:
+          - name: envoy.filters.http.basic_auth
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.basic_auth.v3.BasicAuth
+              users: { inline_string: "alice:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=" }
+              forward_username_header: x-user
+"""))
+    first = spawn_proxy(first_impl, f"{first_impl}-first", config=fwd)
+    creds = basic("alice", "password")
+
+    async def go():
+        async with MasqueClient.connect("127.0.0.1", first.listener_port) as client:
+            tunnel = await client.tunnel("foo.lyft.com", 80, extra_headers=[("authorization", creds)])
+            assert tunnel.status == 200, f"{first_impl}: {tunnel.headers}"
+            refused = await client.tunnel("foo.lyft.com", 80)
+            assert refused.status == 401
+
+    run_async(go())
+    # The next hop writes its line when the tunnel ends (the client closed it) and flushes
+    # its log about once a second.
+    deadline = time.monotonic() + 10
+    lines: list[dict] = []
+    while time.monotonic() < deadline and not lines:
+        if log.exists():
+            lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        time.sleep(0.1)
+    assert len(lines) == 1, lines
+    assert lines[0]["user"] == "alice", lines
+    assert lines[0]["credentials"] == creds, lines
