@@ -375,6 +375,7 @@ class MasqueClient:
         max_datagram_size: int = 1350,
         idle_timeout: float = 10.0,
         timeout: float = DEFAULT_TIMEOUT,
+        client_cert: tuple[str, str] | None = None,
     ) -> AsyncIterator["MasqueClient"]:
         """Open an HTTP/3 connection (ALPN h3). ``cafile=None`` disables verification.
 
@@ -396,6 +397,8 @@ class MasqueClient:
             config.verify_mode = ssl.CERT_NONE
         else:
             config.load_verify_locations(cafile)
+        if client_cert is not None:  # (certfile, keyfile): mutual TLS
+            config.load_cert_chain(*client_cert)
 
         # Like aioquic.asyncio.connect, but the client socket is bound to the loopback
         # address of the proxy's family (aioquic's own connect binds the "::" wildcard).
@@ -484,13 +487,16 @@ async def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", default="localhost:9000", help="target_host:target_port for the path")
     ap.add_argument("--capsules", action="store_true", help="capsule-only client (no SETTINGS_H3_DATAGRAM)")
     ap.add_argument("--count", type=int, default=3)
+    ap.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
+                    help="an extra request header (repeatable), e.g. credentials")
     ap.add_argument("message", nargs="?", default="hello through ferry")
     args = ap.parse_args(argv)
     host, _, port = args.proxy.rpartition(":")
     thost, _, tport = args.target.rpartition(":")
     async with MasqueClient.connect(host, int(port), h3_datagram=not args.capsules,
                                     cafile=None if args.insecure else args.ca) as client:
-        tunnel = await client.tunnel(thost, tport)
+        extra = [tuple(part.strip() for part in h.split(":", 1)) for h in args.header]
+        tunnel = await client.tunnel(thost, tport, extra_headers=extra)
         print(f"status {tunnel.status} proxy-status={tunnel.header('proxy-status')!r}")
         if tunnel.status != 200:
             return 1

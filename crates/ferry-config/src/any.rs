@@ -15,10 +15,10 @@ use std::marker::PhantomData;
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 
 use crate::raw::{
-    CaresDnsResolverConfig, DfpClusterConfig, DfpFilterConfig, DownstreamTlsContext, FileAccessLog,
-    HttpCapsuleFilterConfig, HttpConnectionManager, HttpProtocolOptions, QuicDownstreamTransport,
-    QuicUpstreamTransport, Router, StreamAccessLog, TypedStruct, UdpProxyConfig, UdpRoute,
-    UpstreamTlsContext,
+    BasicAuth, CaresDnsResolverConfig, DfpClusterConfig, DfpFilterConfig, DownstreamTlsContext,
+    FileAccessLog, HttpCapsuleFilterConfig, HttpConnectionManager, HttpProtocolOptions,
+    QuicDownstreamTransport, QuicUpstreamTransport, Router, StreamAccessLog, TypedStruct,
+    UdpProxyConfig, UdpRoute, UpstreamTlsContext,
 };
 
 /// `@type` of the QUIC downstream transport socket.
@@ -39,6 +39,9 @@ pub const HTTP_PROTOCOL_OPTIONS: &str =
     "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 /// `@type` of the router HTTP filter.
 pub const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
+/// `@type` of the basic auth HTTP filter.
+pub const BASIC_AUTH: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.basic_auth.v3.BasicAuth";
 /// `@type` of the dynamic forward proxy HTTP filter.
 pub const DFP_FILTER: &str =
     "type.googleapis.com/envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig";
@@ -134,6 +137,7 @@ impl AnySlot for NetworkFilterConfig {
 pub(crate) enum HttpFilterConfig {
     Router(Router),
     DynamicForwardProxy(DfpFilterConfig),
+    BasicAuth(BasicAuth),
     TypedStruct(TypedStruct),
     Other(String),
 }
@@ -144,6 +148,7 @@ impl AnySlot for HttpFilterConfig {
         Ok(match url.as_str() {
             ROUTER => Self::Router(Router::deserialize(rest)?),
             DFP_FILTER => Self::DynamicForwardProxy(DfpFilterConfig::deserialize(rest)?),
+            BASIC_AUTH => Self::BasicAuth(BasicAuth::deserialize(rest)?),
             TYPED_STRUCT | UDPA_TYPED_STRUCT => Self::TypedStruct(TypedStruct::deserialize(rest)?),
             _ => {
                 skip(rest)?;

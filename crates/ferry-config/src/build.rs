@@ -8,6 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
+pub(crate) use crate::any::BASIC_AUTH;
 use crate::any::{
     DFP_CLUSTER, DFP_FILTER, DOWNSTREAM_TLS_CONTEXT, HTTP_CONNECTION_MANAGER,
     HTTP_PROTOCOL_OPTIONS, QUIC_DOWNSTREAM_TRANSPORT, QUIC_UPSTREAM_TRANSPORT, ROUTER,
@@ -23,6 +24,7 @@ use crate::raw::{
 };
 
 mod accesslog;
+mod basic_auth;
 mod dfp;
 mod udp_proxy;
 
@@ -34,6 +36,7 @@ pub const NOT_SUPPORTED: &str = "Envoy field not supported by Ferry (yet)";
 const HCM_NAME: &str = "envoy.filters.network.http_connection_manager";
 const ROUTER_NAME: &str = "envoy.filters.http.router";
 const DFP_FILTER_NAME: &str = "envoy.filters.http.dynamic_forward_proxy";
+const BASIC_AUTH_NAME: &str = "envoy.filters.http.basic_auth";
 const DFP_CLUSTER_NAME: &str = "envoy.clusters.dynamic_forward_proxy";
 const QUIC_NAME: &str = "envoy.transport_sockets.quic";
 const TLS_NAME: &str = "envoy.transport_sockets.tls";
@@ -557,6 +560,8 @@ fn build_tls_context(ctx: &mut Ctx, p: &P, d: &raw::DownstreamTlsContext) -> mod
         return model::ServerTls {
             certificates: Vec::new(),
             alpn_protocols: Vec::new(),
+            client_ca_pem: None,
+            require_client_certificate: false,
         };
     };
     let unsupported = c.unsupported_fields();
@@ -564,12 +569,32 @@ fn build_tls_context(ctx: &mut Ctx, p: &P, d: &raw::DownstreamTlsContext) -> mod
         .iter()
         .any(|f| f.starts_with("tls_certificate") || f.starts_with("custom_tls"));
     ctx.unsupported(&cp, unsupported);
-    if c.validation_context.is_some() {
-        ctx.err(
-            &cp.f("validation_context"),
-            format!("{NOT_SUPPORTED}: client certificate validation (mTLS) on a listener"),
-        );
-    }
+    let require = d.require_client_certificate.unwrap_or(false);
+    let client_ca_pem = match &c.validation_context {
+        Some(vc) => {
+            let vp = cp.f("validation_context");
+            ctx.unsupported(&vp, vc.unsupported_fields());
+            let pem = data_source(
+                ctx,
+                &vp.f("trusted_ca"),
+                vc.trusted_ca.as_ref(),
+                PemKind::CertificateChain,
+                false,
+            );
+            Some(pem)
+        }
+        None => {
+            if require {
+                // Envoy refuses this on a QUIC listener; on a TCP listener it then asks
+                // for any certificate and checks none, which Ferry does not do.
+                ctx.err(
+                    &p.f("require_client_certificate"),
+                    "needs common_tls_context.validation_context.trusted_ca: the CAs that client certificates are verified against",
+                );
+            }
+            None
+        }
+    };
     let lp = cp.f("tls_certificates");
     if c.tls_certificates.is_empty() && !other_source {
         ctx.err(
@@ -617,6 +642,8 @@ fn build_tls_context(ctx: &mut Ctx, p: &P, d: &raw::DownstreamTlsContext) -> mod
     model::ServerTls {
         certificates,
         alpn_protocols: c.alpn_protocols.clone(),
+        client_ca_pem,
+        require_client_certificate: require,
     }
 }
 
@@ -721,6 +748,7 @@ fn placeholder_hcm() -> model::HttpConnectionManager {
         access_log: Vec::new(),
         dynamic_forward_proxy: None,
         destination_policy: Default::default(),
+        basic_auth: None,
     }
 }
 
@@ -782,6 +810,7 @@ fn build_hcm(
         names: http_filters,
         dynamic_forward_proxy,
         destination_policy,
+        basic_auth,
     } = build_http_filters(ctx, &p.f("http_filters"), &h.http_filters);
 
     let up = p.f("upgrade_configs");
@@ -844,6 +873,7 @@ fn build_hcm(
         access_log,
         dynamic_forward_proxy,
         destination_policy,
+        basic_auth,
     }
 }
 
@@ -852,12 +882,14 @@ struct HttpFilters {
     names: Vec<String>,
     dynamic_forward_proxy: Option<model::DnsCacheConfig>,
     destination_policy: model::DestinationPolicy,
+    basic_auth: Option<model::BasicAuth>,
 }
 
 fn build_http_filters(ctx: &mut Ctx, p: &P, filters: &[raw::HttpFilter]) -> HttpFilters {
     let mut names = Vec::with_capacity(filters.len());
     let mut dynamic_forward_proxy = None;
     let mut destination_policy = None;
+    let mut basic_auth = None;
     let mut routers = Vec::new();
     // A filter that could not be identified may be a mistyped router: then do not also
     // report the router as missing.
@@ -891,6 +923,17 @@ fn build_http_filters(ctx: &mut Ctx, p: &P, filters: &[raw::HttpFilter]) -> Http
                     );
                 }
                 dynamic_forward_proxy = cache;
+            }
+            Some(HttpFilterConfig::BasicAuth(b)) => {
+                check_name(ctx, &fp.f("name"), name, BASIC_AUTH_NAME);
+                let built = basic_auth::build(ctx, &fp.f("typed_config"), b);
+                if basic_auth.is_some() {
+                    ctx.err(
+                        &fp,
+                        format!("a second `{BASIC_AUTH_NAME}` filter; Ferry takes one"),
+                    );
+                }
+                basic_auth = Some(built);
             }
             Some(HttpFilterConfig::TypedStruct(t)) => {
                 let policy = dfp::build_destination_policy(ctx, &fp, f, t);
@@ -933,6 +976,7 @@ fn build_http_filters(ctx: &mut Ctx, p: &P, filters: &[raw::HttpFilter]) -> Http
         names,
         dynamic_forward_proxy,
         destination_policy: destination_policy.unwrap_or_default(),
+        basic_auth,
     }
 }
 
@@ -1713,8 +1757,8 @@ const NETWORK_FILTER_SLOT: Slot = Slot {
 const HTTP_FILTER_SLOT: Slot = Slot {
     what: "HTTP filter",
     category: "envoy.filters.http.",
-    names: &[ROUTER_NAME, DFP_FILTER_NAME],
-    expected: &[ROUTER, DFP_FILTER],
+    names: &[ROUTER_NAME, DFP_FILTER_NAME, BASIC_AUTH_NAME],
+    expected: &[ROUTER, DFP_FILTER, BASIC_AUTH],
 };
 const QUIC_TRANSPORT_SLOT: Slot = Slot {
     what: "QUIC listener transport socket",

@@ -45,6 +45,8 @@ pub(crate) fn decode_base64(text: &str) -> Option<Vec<u8>> {
 pub(crate) enum PemKind {
     CertificateChain,
     PrivateKey,
+    /// Any text (an htpasswd users list).
+    Text,
 }
 
 impl PemKind {
@@ -52,6 +54,7 @@ impl PemKind {
     pub(crate) fn check(self, text: &str) -> Result<(), String> {
         let lines: Vec<&str> = text.lines().map(str::trim).collect();
         let (found, wanted) = match self {
+            PemKind::Text => return Ok(()),
             PemKind::CertificateChain => (
                 lines.contains(&"-----BEGIN CERTIFICATE-----")
                     && lines.contains(&"-----END CERTIFICATE-----"),

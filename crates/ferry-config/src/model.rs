@@ -106,6 +106,13 @@ pub struct ServerTls {
     /// `common_tls_context.alpn_protocols` (TCP listeners): what the server offers, in order.
     /// Empty on a TCP listener means Envoy's default for the codec: `h2` and `http/1.1`.
     pub alpn_protocols: Vec<String>,
+    /// `common_tls_context.validation_context.trusted_ca` (PEM): client certificates are
+    /// asked for and verified against these CAs (mutual TLS). None: no client certificate
+    /// is asked for.
+    pub client_ca_pem: Option<String>,
+    /// `require_client_certificate`: a client without a certificate is refused in the
+    /// handshake (otherwise one is verified only when presented).
+    pub require_client_certificate: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -149,6 +156,33 @@ pub struct HttpConnectionManager {
     /// Ferry's `ferry.filters.http.destination_policy` filter: operator rules over the
     /// built-in refusals for dynamic targets. Default: no rules (built-in refusals only).
     pub destination_policy: DestinationPolicy,
+    /// The `envoy.filters.http.basic_auth` filter, when configured: every request must
+    /// carry credentials of one of its users.
+    pub basic_auth: Option<BasicAuth>,
+}
+
+/// `envoy.extensions.filters.http.basic_auth.v3.BasicAuth`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BasicAuth {
+    /// `users` (htpasswd, `{SHA}` lines only): user name -> SHA-1 digest of the password.
+    pub users: std::collections::BTreeMap<String, [u8; 20]>,
+    /// `forward_username_header`: a header set to the authenticated user name on requests
+    /// forwarded to a next hop (lower-case); None: not set.
+    pub forward_username_header: Option<String>,
+    /// `authentication_header` (lower-case): where the credentials are read; Envoy's
+    /// default is `authorization`.
+    pub authentication_header: String,
+}
+
+impl std::fmt::Debug for BasicAuth {
+    // The password digests are secrets: never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BasicAuth")
+            .field("users", &self.users.keys().collect::<Vec<_>>())
+            .field("forward_username_header", &self.forward_username_header)
+            .field("authentication_header", &self.authentication_header)
+            .finish()
+    }
 }
 
 /// `envoy.extensions.common.dynamic_forward_proxy.v3.DnsCacheConfig`.

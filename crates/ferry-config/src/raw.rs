@@ -439,9 +439,10 @@ envoy_message! {
     /// `envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext`.
     struct DownstreamTlsContext {
         common_tls_context: Option<CommonTlsContext>,
+        require_client_certificate: Option<bool>,
     }
     unsupported [
-        require_client_certificate, require_sni, session_ticket_keys,
+        require_sni, session_ticket_keys,
         session_ticket_keys_sds_secret_config, disable_stateless_session_resumption,
         disable_stateful_session_resumption, session_timeout, ocsp_staple_policy,
         full_scan_certs_on_sni_mismatch, prefer_client_ciphers,
@@ -651,6 +652,16 @@ envoy_message! {
         is_optional: Option<bool>,
     }
     unsupported [config_discovery, disabled]
+}
+
+envoy_message! {
+    /// `envoy.extensions.filters.http.basic_auth.v3.BasicAuth`.
+    struct BasicAuth {
+        users: Option<DataSource>,
+        forward_username_header: Option<String>,
+        authentication_header: Option<String>,
+    }
+    unsupported []
 }
 
 envoy_message! {

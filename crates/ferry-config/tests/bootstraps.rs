@@ -29,6 +29,8 @@ fn expected_terminate_h3() -> Bootstrap {
                         private_key_pem: DUMMY_KEY.into(),
                     }],
                     alpn_protocols: vec![],
+                    client_ca_pem: None,
+                    require_client_certificate: false,
                 }),
                 hcm: HttpConnectionManager {
                     codec_type: CodecType::Http3,
@@ -61,6 +63,7 @@ fn expected_terminate_h3() -> Bootstrap {
                     access_log: vec![],
                     dynamic_forward_proxy: None,
                     destination_policy: DestinationPolicy::default(),
+                    basic_auth: None,
                 },
             },
             udp_proxy: None,

@@ -51,6 +51,8 @@ pub struct Rejection {
     /// For `dns_error`: the DNS rcode (`NXDOMAIN`, `SERVFAIL`, ...), the Proxy-Status
     /// `rcode` parameter (RFC 9209 section 2.3.2).
     pub rcode: Option<&'static str>,
+    /// A `www-authenticate` challenge sent with a 401 (basic authentication).
+    pub challenge: Option<String>,
 }
 
 impl Rejection {
@@ -61,6 +63,7 @@ impl Rejection {
             error,
             details: details.into(),
             rcode: None,
+            challenge: None,
         }
     }
 

@@ -175,6 +175,16 @@ fn hcm(h: &HttpConnectionManager) -> Value {
                 "type_url": ferry_config::DESTINATION_POLICY_TYPE_URL,
                 "value": destination_policy(&h.destination_policy),
             }}),
+            "envoy.filters.http.basic_auth" => {
+                let b = h.basic_auth.as_ref();
+                json!({"name": name, "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.basic_auth.v3.BasicAuth",
+                    // The password hashes are secrets: only the user names are shown.
+                    "users": {"inline_string": b.map(|b| b.users.keys().map(|u| format!("{u}:{REDACTED}")).collect::<Vec<_>>().join("\n"))},
+                    "forward_username_header": b.and_then(|b| b.forward_username_header.clone()),
+                    "authentication_header": b.map(|b| b.authentication_header.clone()),
+                }})
+            }
             _ => json!({"name": name, "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
             }}),
@@ -278,7 +288,12 @@ fn listener(l: &Listener) -> Value {
                 "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
             )
         };
-        let context = json!({"common_tls_context": {"tls_certificates": certs}});
+        let mut context = json!({"common_tls_context": {"tls_certificates": certs}});
+        if let Some(ca) = &tls.client_ca_pem {
+            context["common_tls_context"]["validation_context"] =
+                json!({"trusted_ca": {"inline_string": ca}});
+            context["require_client_certificate"] = tls.require_client_certificate.into();
+        }
         let typed = if l.quic.is_some() {
             json!({"@type": type_url, "downstream_tls_context": context})
         } else {

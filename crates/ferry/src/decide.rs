@@ -27,7 +27,20 @@ pub fn reject(status: u16, error: Option<&'static str>, details: impl Into<Strin
         error,
         details: details.into(),
         rcode: None,
+        challenge: None,
     }
+}
+
+/// Whether Envoy would make this refusal only after its HTTP filters ran (so that an
+/// authentication filter answers first): no route (its router filter's 404) and requests
+/// other than CONNECT-UDP on a matched route (which Envoy would proxy; Ferry's 501). The
+/// refusals before the filters are the malformed request (400), the CONNECT-UDP path check
+/// (404 `http_request_error`) and an upgrade the route does not enable (403).
+pub fn refused_after_filters(r: &Rejection) -> bool {
+    matches!(
+        (r.status, r.error),
+        (404, Some("destination_not_found")) | (501, _)
+    )
 }
 
 /// Decide a request. Envoy's order: the CONNECT-UDP path check (404), then the virtual host

@@ -55,6 +55,7 @@ impl H3Listener {
             listener.filter_chain.tls.as_ref().ok_or_else(|| {
                 format!("listener {}: HTTP/3 needs a TLS certificate", listener.name)
             })?;
+        ctx.stats.auth.register(listener);
         let tls = crate::tls::server_config(tls, &[b"h3"])
             .map_err(|e| format!("listener {}: {e}", listener.name))?;
         let endpoint = crate::quic::server_endpoint(listener.address, tls)
@@ -122,6 +123,9 @@ async fn handle_connection(incoming: quinn::Incoming, ctx: Arc<ListenerCtx>) {
         Ok(c) => c,
         Err(e) => {
             tracing::debug!("QUIC handshake failed: {e}");
+            if let Some(failure) = crate::tls::classify_quic_failure(&e) {
+                ctx.stats.auth.handshake_failed(failure);
+            }
             return;
         }
     };
@@ -233,7 +237,7 @@ fn header_str<'a>(req: &'a http::Request<()>, name: &str) -> Option<&'a str> {
 }
 
 async fn handle_request(
-    req: http::Request<()>,
+    mut req: http::Request<()>,
     down: crate::forward::Downstream,
     ctx: &ListenerCtx,
     shutdown: Waiter,
@@ -253,13 +257,23 @@ async fn handle_request(
         capsule_protocol: header_str(&req, "capsule-protocol"),
     };
     let is_connect_udp = ferry_proto::request::is_connect_udp(&head);
-    let plan = decide::decide(&hcm, &head);
+    let (plan, forward_user) = crate::auth::authorize(
+        &hcm,
+        decide::decide(&hcm, &head),
+        &head,
+        req.headers(),
+        true,
+        &ctx.stats.auth,
+    );
     tracing::debug!(method = head.method, path = ?head.path, authority = ?head.authority, ?plan, "request");
     let result = match plan {
         Ok(Plan::Terminate { cluster, target }) => {
             terminate(down, &hcm, ctx, &cluster, &target, shutdown).await
         }
         Ok(Plan::Forward { cluster, authority }) => {
+            if let Some((name, value)) = forward_user {
+                req.headers_mut().insert(name, value);
+            }
             // Boxed: the forwarding future is twice the size of termination's, and every
             // request's task would otherwise reserve room for it (about 5 KiB per tunnel).
             Box::pin(crate::forward::forward_h3(
@@ -294,6 +308,11 @@ async fn respond_error(stream: &mut H3Stream, rejection: &Rejection, stats: &Htt
     *resp.status_mut() = status;
     if let Ok(v) = http::HeaderValue::from_str(&rejection.proxy_status()) {
         resp.headers_mut().insert("proxy-status", v);
+    }
+    if let Some(v) = rejection.challenge.as_deref() {
+        if let Ok(v) = http::HeaderValue::from_str(v) {
+            resp.headers_mut().insert(http::header::WWW_AUTHENTICATE, v);
+        }
     }
     if stream.send_response(resp).await.is_ok() {
         let _ = stream.finish().await;

@@ -6,6 +6,7 @@
 
 pub mod accesslog;
 pub mod admin;
+pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod cluster;

@@ -202,6 +202,7 @@ mod tests {
             access_log: vec![],
             dynamic_forward_proxy: None,
             destination_policy: Default::default(),
+            basic_auth: None,
         }
     }
 

@@ -605,6 +605,8 @@ pub struct HttpStats {
     /// [`crate::h3server::MAX_REQUEST_HEADERS_BYTES`]).
     pub downstream_rq_headers_too_large: Counter,
     pub connect_udp: ConnectUdpStats,
+    /// `basic_auth.*` and the listener's `ssl.*` (authentication).
+    pub auth: AuthStats,
     /// `listener.<address>.*`, when these stats belong to a bound listener.
     pub listener: Option<ListenerStats>,
     /// `cluster.<name>.*` of the clusters tunnels go to.
@@ -801,6 +803,11 @@ impl HttpStats {
             downstream_cx_upgrades_active: g("downstream_cx_upgrades_active"),
             downstream_rq_headers_too_large: c("downstream_rq_headers_too_large"),
             connect_udp: ConnectUdpStats::new(store, &cu),
+            auth: AuthStats {
+                store: store.clone(),
+                http_prefix: p.as_str().into(),
+                listener_prefix: listener.as_ref().map(|l| l.prefix.clone()),
+            },
             listener,
             clusters,
         }
@@ -950,6 +957,93 @@ pub struct ListenerStats {
     pub downstream_cx_refused_draining: Counter,
     pub downstream_rq_completed: Counter,
     rq_by_class: [Counter; 5],
+    /// `listener.<address>.`
+    prefix: Arc<str>,
+}
+
+/// Authentication stats, registered (at zero) only where authentication is configured,
+/// as in Envoy: `http.<p>.basic_auth.allowed` / `.denied` (the basic_auth filter) and
+/// `listener.<address>.ssl.connection_error`, `ssl.fail_verify_no_cert`,
+/// `ssl.fail_verify_error` (TLS handshakes that failed: no client certificate, a client
+/// certificate that did not verify, any other handshake failure).
+#[derive(Debug, Clone)]
+pub struct AuthStats {
+    store: Arc<Store>,
+    /// `http.<stat_prefix>.`
+    http_prefix: Arc<str>,
+    /// `listener.<address>.`, for a bound listener.
+    listener_prefix: Option<Arc<str>>,
+}
+
+/// Why a downstream TLS (or QUIC) handshake failed, named as Envoy's `ssl.*` counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    /// A client certificate is required and none was sent.
+    NoCert,
+    /// The client certificate did not verify against the trusted CAs.
+    VerifyError,
+    /// Any other handshake failure.
+    ConnectionError,
+}
+
+impl HandshakeFailure {
+    pub const ALL: [HandshakeFailure; 3] = [
+        HandshakeFailure::ConnectionError,
+        HandshakeFailure::NoCert,
+        HandshakeFailure::VerifyError,
+    ];
+
+    pub fn stat_name(self) -> &'static str {
+        match self {
+            HandshakeFailure::NoCert => "fail_verify_no_cert",
+            HandshakeFailure::VerifyError => "fail_verify_error",
+            HandshakeFailure::ConnectionError => "connection_error",
+        }
+    }
+}
+
+impl AuthStats {
+    /// `http.<p>.basic_auth.allowed` or `.denied`.
+    pub fn basic_auth(&self, allowed: bool) -> Counter {
+        let what = if allowed { "allowed" } else { "denied" };
+        self.store
+            .counter(&format!("{}basic_auth.{what}", self.http_prefix))
+    }
+
+    /// Registers, at zero, the counters of what `listener` configures: basic_auth
+    /// counters for a basic_auth filter, `ssl.*` for client certificate validation.
+    pub fn register(&self, listener: &ferry_config::Listener) {
+        if listener.filter_chain.hcm.basic_auth.is_some() {
+            self.basic_auth(true);
+            self.basic_auth(false);
+        }
+        let mtls = listener
+            .filter_chain
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca_pem.is_some());
+        if mtls {
+            self.register_ssl();
+        }
+    }
+
+    /// `listener.<address>.ssl.<failure>`, for a bound listener.
+    pub fn handshake_failed(&self, failure: HandshakeFailure) {
+        if let Some(p) = &self.listener_prefix {
+            self.store
+                .counter(&format!("{p}ssl.{}", failure.stat_name()))
+                .inc();
+        }
+    }
+
+    /// Registers the `ssl.*` failure counters at zero (client certificates are verified).
+    pub fn register_ssl(&self) {
+        if let Some(p) = &self.listener_prefix {
+            for f in HandshakeFailure::ALL {
+                self.store.counter(&format!("{p}ssl.{}", f.stat_name()));
+            }
+        }
+    }
 }
 
 impl ListenerStats {
@@ -966,6 +1060,7 @@ impl ListenerStats {
                 .counter(&format!("{p}downstream_cx_refused_draining")),
             downstream_rq_completed: store.counter(&format!("{h}downstream_rq_completed")),
             rq_by_class: [rq("1xx"), rq("2xx"), rq("3xx"), rq("4xx"), rq("5xx")],
+            prefix: p.as_str().into(),
         }
     }
 }

@@ -47,6 +47,7 @@ impl TcpListener {
         alt_svc: Option<String>,
     ) -> Result<Self, String> {
         let name = &listener.name;
+        ctx.stats.auth.register(listener);
         let tls = match &listener.filter_chain.tls {
             Some(tls) => {
                 let alpn: Vec<&[u8]> = if tls.alpn_protocols.is_empty() {
@@ -135,6 +136,7 @@ async fn handle_connection(
     shutdown: Waiter,
 ) {
     let local = tcp.local_addr().ok();
+    let is_tls = tls.is_some();
     let (io, alpn_h2, server_name): (Box<dyn Io>, bool, Option<String>) = match tls {
         Some(acceptor) => match acceptor.accept(tcp).await {
             Ok(s) => {
@@ -145,6 +147,12 @@ async fn handle_connection(
             }
             Err(e) => {
                 tracing::debug!(%peer, "TLS handshake failed: {e}");
+                let rustls_error = e
+                    .get_ref()
+                    .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+                ctx.stats
+                    .auth
+                    .handshake_failed(crate::tls::classify_failure(rustls_error));
                 return;
             }
         },
@@ -187,6 +195,10 @@ async fn handle_connection(
         let alt_svc = alt_svc.clone();
         let shutdown = shutdown.clone();
         let conn_info = conn_info.clone();
+        let mut req = req;
+        if is_tls {
+            req.extensions_mut().insert(OverTls);
+        }
         async move { Ok::<_, Infallible>(handle_request(req, ctx, alt_svc, shutdown, conn_info).await) }
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
@@ -238,6 +250,11 @@ fn error_response(rejection: &Rejection, ctx: &ListenerCtx, alt_svc: &Option<Hea
     *resp.status_mut() = StatusCode::from_u16(rejection.status).unwrap_or(StatusCode::BAD_GATEWAY);
     if let Ok(v) = HeaderValue::from_str(&rejection.proxy_status()) {
         resp.headers_mut().insert("proxy-status", v);
+    }
+    if let Some(v) = rejection.challenge.as_deref() {
+        if let Ok(v) = HeaderValue::from_str(v) {
+            resp.headers_mut().insert(http::header::WWW_AUTHENTICATE, v);
+        }
     }
     if let Some(v) = alt_svc {
         resp.headers_mut().insert(http::header::ALT_SVC, v.clone());
@@ -291,6 +308,10 @@ async fn handle_request(
     resp
 }
 
+/// Marks a request that came over TLS (the `https` scheme of a basic auth realm).
+#[derive(Debug, Clone, Copy)]
+struct OverTls;
+
 type TunnelTask = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// Decide the request: a refusal, or the response plus the tunnel to run after it.
@@ -301,6 +322,7 @@ async fn respond(
     shutdown: Waiter,
 ) -> (Resp, Option<TunnelTask>) {
     let hcm = ctx.hcm.load_full();
+    let tls = req.extensions().get::<OverTls>().is_some();
     let h1 = req.version() < Version::HTTP_2;
     let protocol = if h1 {
         upgrade_token(&req)
@@ -336,6 +358,8 @@ async fn respond(
             ),
         ));
     }
+    let (plan, forward_user) =
+        crate::auth::authorize(&hcm, plan, &head, req.headers(), tls, &ctx.stats.auth);
     tracing::debug!(method = head.method, path = ?head.path, h1, ?plan, "request");
     let refuse = |r: Rejection| {
         if is_connect_udp {
@@ -351,6 +375,9 @@ async fn respond(
             *head.method_mut() = req.method().clone();
             *head.uri_mut() = req.uri().clone();
             *head.headers_mut() = req.headers().clone();
+            if let Some((name, value)) = forward_user {
+                head.headers_mut().insert(name, value);
+            }
             let opened = crate::forward::open_next_hop(&head, &cluster, authority.as_deref(), ctx);
             let crate::forward::Opened { next, stats } = match Box::pin(opened).await {
                 Ok(o) => o,

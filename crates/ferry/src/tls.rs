@@ -3,6 +3,8 @@
 use std::sync::Arc;
 
 use ferry_config::ServerTls;
+
+use crate::stats::HandshakeFailure;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -54,14 +56,72 @@ fn build_server_config(
     };
     let certs = parse_certs(&pair.certificate_chain_pem)?;
     let key = parse_key(&pair.private_key_pem)?;
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(versions)
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
+        .map_err(|e| e.to_string())?;
+    let builder = match &tls.client_ca_pem {
+        None => builder.with_no_client_auth(),
+        Some(ca_pem) => builder
+            .with_client_cert_verifier(client_verifier(ca_pem, tls.require_client_certificate)?),
+    };
+    let mut config = builder
         .with_single_cert(certs, key)
         .map_err(|e| format!("certificate and key do not form a usable pair: {e}"))?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(config)
+}
+
+/// Mutual TLS: client certificates are verified against `ca_pem`
+/// (`validation_context.trusted_ca`); without `require`, a client may send none (as in
+/// Envoy, a certificate that is sent must still verify).
+fn client_verifier(
+    ca_pem: &str,
+    require: bool,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in parse_certs(ca_pem).map_err(|e| format!("validation_context.trusted_ca: {e}"))? {
+        roots
+            .add(cert)
+            .map_err(|e| format!("validation_context.trusted_ca: bad CA certificate: {e}"))?;
+    }
+    let builder =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+    let builder = if require {
+        builder
+    } else {
+        builder.allow_unauthenticated()
+    };
+    builder
+        .build()
+        .map_err(|e| format!("validation_context.trusted_ca: {e}"))
+}
+
+/// Which `ssl.*` counter a failed TLS handshake counts in (Envoy's names).
+pub fn classify_failure(error: Option<&rustls::Error>) -> HandshakeFailure {
+    match error {
+        Some(rustls::Error::NoCertificatesPresented) => HandshakeFailure::NoCert,
+        Some(rustls::Error::InvalidCertificate(_)) => HandshakeFailure::VerifyError,
+        _ => HandshakeFailure::ConnectionError,
+    }
+}
+
+/// The same for a QUIC handshake, from the TLS alert the server closed with. None: the
+/// connection failed for another reason (timeout, the client went away).
+pub fn classify_quic_failure(error: &quinn::ConnectionError) -> Option<HandshakeFailure> {
+    let quinn::ConnectionError::TransportError(t) = error else {
+        return None;
+    };
+    let code = u64::from(t.code);
+    // TLS alerts are carried as CRYPTO_ERROR 0x100 + alert (RFC 9001 section 4.8).
+    let alert = code.checked_sub(0x100).filter(|a| *a <= 0xff)?;
+    Some(match alert {
+        // certificate_required
+        116 => HandshakeFailure::NoCert,
+        // bad_certificate, unsupported_certificate, certificate_revoked,
+        // certificate_expired, certificate_unknown, unknown_ca
+        42..=46 | 48 => HandshakeFailure::VerifyError,
+        _ => HandshakeFailure::ConnectionError,
+    })
 }
 
 /// A TLS 1.3 client config trusting `ca_pem` (or nothing is verified when `insecure`).
