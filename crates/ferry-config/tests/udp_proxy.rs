@@ -100,8 +100,8 @@ fn unsupported_fields_are_named() {
     for (add, path) in [
         ("          use_post: true\n", "tunneling_config.use_post"),
         (
-            "          propagate_response_headers: true\n",
-            "tunneling_config.propagate_response_headers",
+            "          propagate_response_trailers: true\n",
+            "tunneling_config.propagate_response_trailers",
         ),
     ] {
         let text = edit(
@@ -194,4 +194,51 @@ fn mistakes_are_reported_by_path() {
     let e = first_error(&text);
     assert_eq!(e.path, format!("{F}.@type"));
     assert!(e.message.contains("not supported by Ferry (yet)"), "{e}");
+}
+
+#[test]
+fn session_access_log_and_options_load() {
+    let log = "        access_log:\n        - name: envoy.access_loggers.stdout\n          typed_config:\n            \"@type\": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog\n            log_format:\n              text_format_source:\n                inline_string: \"%DYNAMIC_METADATA(udp.proxy.session:datagrams_sent)% %FILTER_STATE(envoy.udp_proxy.propagate_response_headers:TYPED)% %UPSTREAM_REQUEST_ATTEMPT_COUNT% %ACCESS_LOG_TYPE%\\n\"\n        access_log_options:\n          flush_access_log_on_tunnel_connected: true\n          access_log_flush_interval: 0.5s\n";
+    let text = edit(
+        &example(),
+        "        tunneling_config:\n",
+        &format!("{log}        tunneling_config:\n          propagate_response_headers: true\n"),
+    );
+    let b = load(&text).unwrap_or_else(|e| panic!("{e}"));
+    let u = b.listeners[0].udp_proxy.as_ref().unwrap();
+    assert_eq!(u.access_log.len(), 1);
+    assert!(u.flush_access_log_on_tunnel_connected);
+    assert_eq!(
+        u.access_log_flush_interval,
+        Some(Duration::from_millis(500))
+    );
+    assert!(u.tunneling.propagate_response_headers);
+
+    // Mistakes name their path.
+    for (from, to, path) in [
+        (
+            "udp.proxy.session:datagrams_sent",
+            "udp.proxy.session:nope",
+            "access_log[0].typed_config.log_format.text_format_source",
+        ),
+        (
+            "propagate_response_headers:TYPED",
+            "other.state",
+            "access_log[0].typed_config.log_format.text_format_source",
+        ),
+        (
+            "access_log_flush_interval: 0.5s",
+            "access_log_flush_interval: 0s",
+            "access_log_options.access_log_flush_interval",
+        ),
+    ] {
+        let e = first_error(&edit(&text, from, to));
+        assert_eq!(e.path, format!("{F}.{path}"), "{e}");
+    }
+    let e = first_error(&edit(
+        &text,
+        "        access_log_options:\n",
+        "        proxy_access_log: []\n        access_log_options:\n",
+    ));
+    assert_eq!(e.path, format!("{F}.proxy_access_log"));
 }

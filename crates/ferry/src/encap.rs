@@ -35,6 +35,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, Mutex};
 use tokio::task::JoinSet;
 
+use crate::accesslog::{AccessLogs, RequestRecord, ResponseFlag, UdpSessionLog};
 use crate::client::{ClientOptions, ClientTunnel, H3Client, Received};
 use crate::cluster::ClusterManager;
 use crate::stats::{Counter, Encoding, Gauge, GaugeGuard, Store};
@@ -64,6 +65,23 @@ pub struct SessionSettings {
     /// None: no buffering before the tunnel is up (Envoy's default).
     pub buffer: Option<BufferOptions>,
     pub max_connect_attempts: u32,
+}
+
+/// The udp_proxy's session access log (`access_log`, `access_log_options`) and what its
+/// lines need.
+#[derive(Clone, Default)]
+pub struct SessionLogging {
+    pub logs: AccessLogs,
+    /// `flush_access_log_on_tunnel_connected`.
+    pub on_tunnel_connected: bool,
+    /// `access_log_flush_interval`.
+    pub flush_interval: Option<Duration>,
+    /// `propagate_response_headers`: keep the proxy's response headers for the log.
+    pub propagate_response_headers: bool,
+    /// The listener's address (`%DOWNSTREAM_LOCAL_ADDRESS%`).
+    pub local: Option<SocketAddr>,
+    /// The cluster (`udp.proxy.session:cluster_name`).
+    pub cluster: String,
 }
 
 /// Envoy's udp_proxy stats (`udp.<stat_prefix>.*`, `cluster.<cluster>.udp.*`) and Ferry's
@@ -152,6 +170,8 @@ pub struct Tunneling {
     pub stats: SessionStats,
     /// Print one line per tunnel on stdout (`ferry client`).
     pub print: bool,
+    /// Session access log lines (udp_proxy `access_log`; none for `ferry client`).
+    pub logging: SessionLogging,
 }
 
 /// An upstream tunnel as the relay sees it.
@@ -435,6 +455,67 @@ struct SessionShared {
     /// What waits in the queue before that (bounded by `buffer_options`).
     buffered_datagrams: AtomicUsize,
     buffered_bytes: AtomicU64,
+    /// This session's totals, for its access log line: from the peer (all of them) ...
+    rx_datagrams: AtomicU64,
+    rx_bytes: AtomicU64,
+    /// ... and to the peer.
+    tx_datagrams: AtomicU64,
+    tx_bytes: AtomicU64,
+    tx_errors: AtomicU64,
+}
+
+/// What a session's access log line knows besides its counters.
+struct SessionInfo {
+    id: u64,
+    peer: SocketAddr,
+    start_time: std::time::SystemTime,
+    started: std::time::Instant,
+    attempts: u32,
+    /// `UF` after a failed attempt, `URX` once all attempts failed.
+    failed_attempt: bool,
+    exhausted: bool,
+    upstream_host: Option<SocketAddr>,
+    response_headers: Option<(u16, HeaderMap)>,
+}
+
+impl SessionInfo {
+    /// Queue one access log line of type `log_type` (nothing without `access_log`).
+    fn log(&self, t: &Tunneling, shared: &SessionShared, log_type: &'static str) {
+        let l = &t.logging;
+        if l.logs.is_empty() {
+            return;
+        }
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let udp = UdpSessionLog {
+            log_type,
+            cluster: l.cluster.clone(),
+            datagrams_received: g(&shared.rx_datagrams),
+            bytes_received: g(&shared.rx_bytes),
+            datagrams_sent: g(&shared.tx_datagrams),
+            bytes_sent: g(&shared.tx_bytes),
+            errors_sent: g(&shared.tx_errors),
+            attempts: self.attempts,
+            response_headers: self.response_headers.clone(),
+        };
+        let local = l.local.unwrap_or(self.peer);
+        let mut r = RequestRecord::udp_session(
+            self.start_time,
+            self.started,
+            self.id,
+            self.peer,
+            local,
+            udp,
+        );
+        r.upstream_host = self.upstream_host;
+        if self.failed_attempt {
+            r.set_flag(ResponseFlag::UpstreamConnectionFailure);
+        }
+        if self.exhausted {
+            r.set_flag(ResponseFlag::UpstreamRetryLimitExceeded);
+        }
+        r.ended = Some(std::time::Instant::now());
+        l.logs.log(&r);
+    }
 }
 
 /// How long `ferry client` waits for a TCP+TLS connection to the proxy.
@@ -491,6 +572,7 @@ pub async fn run(socket: UdpSocket, config: EncapConfig) -> Result<(), String> {
         },
         stats: SessionStats::new(&store, "client", "proxy"),
         print: true,
+        logging: SessionLogging::default(),
     });
     serve(Arc::new(socket), tunneling, std::future::pending()).await
 }
@@ -546,11 +628,13 @@ pub async fn serve(
                     let s = shared.clone();
                     let sock = socket.clone();
                     tasks.spawn(async move {
-                        session(peer, rx, sock, t, s).await;
+                        session(id, peer, rx, sock, t, s).await;
                         (peer, id)
                     });
                     SessionHandle { id, tx, shared }
                 });
+                session.shared.rx_datagrams.fetch_add(1, Ordering::Relaxed);
+                session.shared.rx_bytes.fetch_add(n as u64, Ordering::Relaxed);
                 if !admit(session, &tunneling.settings, n) || session.tx.try_send(data).is_err() {
                     stats.sess_tunnel_buffer_overflow.inc();
                 }
@@ -581,10 +665,22 @@ fn admit(session: &SessionHandle, settings: &SessionSettings, len: usize) -> boo
 }
 
 /// Open the tunnel, trying up to `max_connect_attempts` times.
-async fn connect(peer: SocketAddr, t: &Tunneling) -> Option<(Opened, SocketAddr)> {
+async fn connect(
+    peer: SocketAddr,
+    t: &Tunneling,
+    info: &mut SessionInfo,
+) -> Option<(Opened, SocketAddr)> {
     let attempts = t.settings.max_connect_attempts.max(1);
     for attempt in 1..=attempts {
-        let why = match t.open().await {
+        info.attempts = attempt;
+        let result = t.open().await;
+        if let Ok((o, addr)) = &result {
+            info.upstream_host = Some(*addr);
+            if t.logging.propagate_response_headers {
+                info.response_headers = Some((o.status().as_u16(), o.headers().clone()));
+            }
+        }
+        let why = match result {
             Ok((o, addr)) if o.status().is_success() => return Some((o, addr)),
             Ok((o, addr)) => {
                 let ps = o
@@ -596,15 +692,18 @@ async fn connect(peer: SocketAddr, t: &Tunneling) -> Option<(Opened, SocketAddr)
             }
             Err(e) => format!("failed: {e}"),
         };
+        info.failed_attempt = true;
         tracing::debug!(%peer, attempt, attempts, "tunnel attempt {why}");
         if t.print {
             println!("tunnel {peer} -> {}: {why}", t.target);
         }
     }
+    info.exhausted = true;
     None
 }
 
 async fn session(
+    id: u64,
     peer: SocketAddr,
     mut from_peer: mpsc::Receiver<Bytes>,
     socket: Arc<UdpSocket>,
@@ -614,8 +713,20 @@ async fn session(
     let stats = &t.stats;
     stats.downstream_sess_total.inc();
     let _active = GaugeGuard::new(&stats.downstream_sess_active);
-    let Some((opened, via)) = connect(peer, &t).await else {
+    let mut info = SessionInfo {
+        id,
+        peer,
+        start_time: std::time::SystemTime::now(),
+        started: std::time::Instant::now(),
+        attempts: 0,
+        failed_attempt: false,
+        exhausted: false,
+        upstream_host: None,
+        response_headers: None,
+    };
+    let Some((opened, via)) = connect(peer, &t, &mut info).await else {
         stats.sess_tunnel_failure.inc();
+        info.log(&t, &shared, "UdpSessionEnd");
         return;
     };
     stats.sess_tunnel_success.inc();
@@ -627,34 +738,64 @@ async fn session(
         );
     }
     shared.up.store(true, Ordering::Release);
+    if t.logging.on_tunnel_connected {
+        info.log(&t, &shared, "UdpTunnelUpstreamConnected");
+    }
+    let ctx = Relay {
+        peer,
+        socket: &socket,
+        t: &t,
+        shared: &shared,
+        info: &info,
+    };
     let summary = match opened {
-        Opened::H3(tunnel) => relay(peer, *tunnel, &mut from_peer, &socket, &t).await,
+        Opened::H3(tunnel) => relay(&ctx, *tunnel, &mut from_peer).await,
         Opened::Tcp {
             tunnel: Some(tunnel),
             ..
-        } => relay(peer, *tunnel, &mut from_peer, &socket, &t).await,
+        } => relay(&ctx, *tunnel, &mut from_peer).await,
         Opened::Tcp { tunnel: None, .. } => "no tunnel".to_string(),
     };
     tracing::debug!(%peer, "{summary}");
     if t.print {
         println!("tunnel {peer} closed ({summary})");
     }
+    info.log(&t, &shared, "UdpSessionEnd");
+}
+
+/// What the relay of one session needs.
+struct Relay<'a> {
+    peer: SocketAddr,
+    socket: &'a UdpSocket,
+    t: &'a Tunneling,
+    shared: &'a SessionShared,
+    info: &'a SessionInfo,
 }
 
 /// Relay until the tunnel ends or the session is idle; returns a one-line summary.
 async fn relay(
-    peer: SocketAddr,
+    ctx: &Relay<'_>,
     mut tunnel: impl UpstreamTunnel,
     from_peer: &mut mpsc::Receiver<Bytes>,
-    socket: &UdpSocket,
-    t: &Tunneling,
 ) -> String {
+    let (peer, socket, t, shared) = (ctx.peer, ctx.socket, ctx.t, ctx.shared);
     let stats = &t.stats;
     let (mut sent, mut received, mut dropped) = (0u64, 0u64, 0u64);
     let idle = tokio::time::sleep(t.settings.idle_timeout);
     tokio::pin!(idle);
+    // `access_log_flush_interval`: a line this often while the tunnel is up.
+    let flush_every = t
+        .logging
+        .flush_interval
+        .filter(|_| !t.logging.logs.is_empty());
+    let mut flush = tokio::time::interval(flush_every.unwrap_or(Duration::from_secs(3600)));
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    flush.reset();
     let why = loop {
         tokio::select! {
+            _ = flush.tick(), if flush_every.is_some() => {
+                ctx.info.log(t, shared, "UdpPeriodic");
+            }
             d = from_peer.recv() => match d {
                 Some(d) => {
                     idle.as_mut().reset(tokio::time::Instant::now() + t.settings.idle_timeout);
@@ -683,10 +824,13 @@ async fn relay(
                             received += 1;
                             stats.downstream_sess_tx_datagrams.inc();
                             stats.downstream_sess_tx_bytes.add(payload.len() as u64);
+                            shared.tx_datagrams.fetch_add(1, Ordering::Relaxed);
+                            shared.tx_bytes.fetch_add(payload.len() as u64, Ordering::Relaxed);
                         }
                         Err(_) => {
                             dropped += 1;
                             stats.downstream_sess_tx_errors.inc();
+                            shared.tx_errors.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                 }

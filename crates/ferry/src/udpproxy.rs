@@ -10,8 +10,9 @@ use ferry_config::{Listener, UdpProxy};
 use ferry_proto::template::UriTemplate;
 use tokio::net::UdpSocket;
 
+use crate::accesslog::{AccessLogs, Destinations};
 use crate::cluster::ClusterManager;
-use crate::encap::{SessionSettings, SessionStats, Tunneling, Upstream};
+use crate::encap::{SessionLogging, SessionSettings, SessionStats, Tunneling, Upstream};
 use crate::shutdown::Waiter;
 use crate::stats::Store;
 
@@ -41,6 +42,7 @@ impl UdpProxyListener {
         config: &UdpProxy,
         clusters: Arc<ArcSwap<ClusterManager>>,
         store: &Store,
+        destinations: &Destinations,
     ) -> Result<Self, String> {
         let std_socket = crate::quic::bind_socket(listener.address).map_err(|e| {
             format!(
@@ -57,6 +59,16 @@ impl UdpProxyListener {
             .local_addr()
             .map_err(|e| format!("listener {}: {e}", listener.name))?;
         let t = &config.tunneling;
+        let logs = AccessLogs::open(&config.access_log, destinations)
+            .map_err(|e| format!("listener {}: {e}", listener.name))?;
+        let logging = SessionLogging {
+            logs,
+            on_tunnel_connected: config.flush_access_log_on_tunnel_connected,
+            flush_interval: config.access_log_flush_interval,
+            propagate_response_headers: t.propagate_response_headers,
+            local: Some(local_addr),
+            cluster: config.cluster.clone(),
+        };
         let tunneling = Tunneling {
             upstream: Upstream::Cluster {
                 clusters,
@@ -74,6 +86,7 @@ impl UdpProxyListener {
             },
             stats: SessionStats::new(store, &config.stat_prefix, &config.cluster),
             print: false,
+            logging,
         };
         Ok(UdpProxyListener {
             local_addr,

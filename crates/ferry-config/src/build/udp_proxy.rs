@@ -187,11 +187,35 @@ fn build_udp_proxy(
         );
     }
     let tunneling = build_tunneling(ctx, &tp, t);
+    let access_log = super::accesslog::build_access_logs(ctx, &p.f("access_log"), &u.access_log);
+    let op = p.f("access_log_options");
+    let (flush_access_log_on_tunnel_connected, access_log_flush_interval) =
+        match &u.access_log_options {
+            Some(o) => {
+                ctx.unsupported(&op, o.unsupported_fields());
+                let ip = op.f("access_log_flush_interval");
+                let interval = o.access_log_flush_interval.as_ref().map(|d| {
+                    let v = ctx.duration(&ip, Some(d), Duration::ZERO);
+                    if v < Duration::from_millis(1) {
+                        ctx.err(&ip, "must be at least 1ms (as in Envoy)");
+                    }
+                    v.max(Duration::from_millis(1))
+                });
+                (
+                    o.flush_access_log_on_tunnel_connected.unwrap_or(false),
+                    interval,
+                )
+            }
+            None => (false, None),
+        };
     Some(model::UdpProxy {
         stat_prefix,
         cluster,
         idle_timeout,
         tunneling,
+        access_log,
+        flush_access_log_on_tunnel_connected,
+        access_log_flush_interval,
     })
 }
 
@@ -352,7 +376,15 @@ fn build_tunneling(ctx: &mut Ctx, p: &P, t: &raw::UdpTunnelingConfig) -> model::
         }
     });
 
+    if t.propagate_response_trailers == Some(true) {
+        ctx.err(
+            &p.f("propagate_response_trailers"),
+            "Envoy field not supported by Ferry (yet): the HTTP/2 and HTTP/3 client libraries Ferry uses do not hand over trailers that end a tunnel's stream",
+        );
+    }
+
     model::UdpTunneling {
+        propagate_response_headers: t.propagate_response_headers.unwrap_or(false),
         proxy_host,
         proxy_port,
         target_host,
