@@ -476,6 +476,8 @@ struct SessionInfo {
     exhausted: bool,
     upstream_host: Option<SocketAddr>,
     response_headers: Option<(u16, HeaderMap)>,
+    /// Ended by `idle_timeout` (Envoy's flag `SI`).
+    idle_timeout: bool,
 }
 
 impl SessionInfo {
@@ -512,6 +514,9 @@ impl SessionInfo {
         }
         if self.exhausted {
             r.set_flag(ResponseFlag::UpstreamRetryLimitExceeded);
+        }
+        if self.idle_timeout {
+            r.set_flag(ResponseFlag::StreamIdleTimeout);
         }
         r.ended = Some(std::time::Instant::now());
         l.logs.log(&r);
@@ -723,6 +728,7 @@ async fn session(
         exhausted: false,
         upstream_host: None,
         response_headers: None,
+        idle_timeout: false,
     };
     let Some((opened, via)) = connect(peer, &t, &mut info).await else {
         stats.sess_tunnel_failure.inc();
@@ -748,20 +754,24 @@ async fn session(
         shared: &shared,
         info: &info,
     };
-    let summary = match opened {
+    let (why, summary) = match opened {
         Opened::H3(tunnel) => relay(&ctx, *tunnel, &mut from_peer).await,
         Opened::Tcp {
             tunnel: Some(tunnel),
             ..
         } => relay(&ctx, *tunnel, &mut from_peer).await,
-        Opened::Tcp { tunnel: None, .. } => "no tunnel".to_string(),
+        Opened::Tcp { tunnel: None, .. } => ("no tunnel", "no tunnel".to_string()),
     };
+    info.idle_timeout = why == IDLE;
     tracing::debug!(%peer, "{summary}");
     if t.print {
         println!("tunnel {peer} closed ({summary})");
     }
     info.log(&t, &shared, "UdpSessionEnd");
 }
+
+/// How a relay ends when the session was idle for `idle_timeout`.
+const IDLE: &str = "idle";
 
 /// What the relay of one session needs.
 struct Relay<'a> {
@@ -777,7 +787,7 @@ async fn relay(
     ctx: &Relay<'_>,
     mut tunnel: impl UpstreamTunnel,
     from_peer: &mut mpsc::Receiver<Bytes>,
-) -> String {
+) -> (&'static str, String) {
     let (peer, socket, t, shared) = (ctx.peer, ctx.socket, ctx.t, ctx.shared);
     let stats = &t.stats;
     let (mut sent, mut received, mut dropped) = (0u64, 0u64, 0u64);
@@ -839,14 +849,15 @@ async fn relay(
             },
             _ = &mut idle => {
                 stats.idle_timeout.inc();
-                break "idle";
+                break IDLE;
             }
         }
     };
     tunnel.finish().await;
-    format!(
+    let summary = format!(
         "{why}: {sent} datagrams sent, {received} received, {dropped} dropped; listener totals: {} dropped (buffer full), {} dropped (send failed)",
         stats.sess_tunnel_buffer_overflow.get(),
         stats.sess_tx_errors.get(),
-    )
+    );
+    (why, summary)
 }
