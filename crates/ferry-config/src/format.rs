@@ -506,6 +506,8 @@ mod tests {
             ENVOY_DEFAULT_FORMAT,
             "%START_TIME(%s.%3f)% 100%% %REQ(:AUTHORITY):5% %DYNAMIC_METADATA(ferry.connect_udp:target)%",
             "%DYNAMIC_METADATA(ferry.connect_udp)% %RESP(PROXY-STATUS?X)% %CONNECTION_ID%\n",
+            "%ACCESS_LOG_TYPE% %UPSTREAM_REQUEST_ATTEMPT_COUNT% %DYNAMIC_METADATA(udp.proxy.session:datagrams_sent)%",
+            "%FILTER_STATE(envoy.udp_proxy.propagate_response_headers:PLAIN)% %FILTER_STATE(envoy.udp_proxy.propagate_response_headers)%",
         ] {
             let t = parse(text).unwrap();
             assert_eq!(parse(&t.to_string()).unwrap(), t, "{text}");
@@ -527,6 +529,9 @@ mod tests {
             "%REQ(a b)%",
             "%DYNAMIC_METADATA(other:x)%",
             "%DYNAMIC_METADATA(ferry.connect_udp:nope)%",
+            "%DYNAMIC_METADATA(udp.proxy.session:nope)%",
+            "%FILTER_STATE(some.other.key)%",
+            "%ACCESS_LOG_TYPE(x)%",
         ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
