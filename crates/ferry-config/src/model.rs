@@ -51,7 +51,9 @@ pub struct UdpProxy {
     pub cluster: String,
     /// `idle_timeout` (Envoy's default: 60 s); a session without datagrams either way ends.
     pub idle_timeout: Duration,
-    pub tunneling: UdpTunneling,
+    /// `tunneling_config`: each session tunnelled with CONNECT-UDP. None: plain UDP to a
+    /// host of the cluster (Envoy's default udp_proxy).
+    pub tunneling: Option<UdpTunneling>,
     /// `access_log[]`: one line per session, at its end (Envoy's session access log).
     pub access_log: Vec<AccessLog>,
     /// `access_log_options.flush_access_log_on_tunnel_connected`: also a line when the

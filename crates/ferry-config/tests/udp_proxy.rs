@@ -41,7 +41,7 @@ fn the_example_loads_with_every_field() {
     assert_eq!(u.stat_prefix, "udp_tunnel");
     assert_eq!(u.cluster, "masque_proxy");
     assert_eq!(u.idle_timeout, Duration::from_secs(60));
-    let t = &u.tunneling;
+    let t = u.tunneling.as_ref().unwrap();
     assert_eq!(t.proxy_host, "localhost");
     assert_eq!(t.proxy_port, Some(4433));
     assert_eq!(t.target_host, "localhost");
@@ -78,9 +78,9 @@ fn defaults_are_envoys() {
     let b = load(&text).unwrap();
     let u = b.listeners[0].udp_proxy.as_ref().unwrap();
     assert_eq!(u.idle_timeout, Duration::from_secs(60));
-    assert_eq!(u.tunneling.max_connect_attempts, 1);
+    assert_eq!(u.tunneling.as_ref().unwrap().max_connect_attempts, 1);
     assert_eq!(
-        u.tunneling.buffer,
+        u.tunneling.as_ref().unwrap().buffer,
         Some(BufferOptions {
             max_buffered_datagrams: 1024,
             max_buffered_bytes: 16384
@@ -90,7 +90,14 @@ fn defaults_are_envoys() {
     let text = edit(&text, "          buffer_options: {}\n", "");
     let b = load(&text).unwrap();
     assert_eq!(
-        b.listeners[0].udp_proxy.as_ref().unwrap().tunneling.buffer,
+        b.listeners[0]
+            .udp_proxy
+            .as_ref()
+            .unwrap()
+            .tunneling
+            .as_ref()
+            .unwrap()
+            .buffer,
         None
     );
 }
@@ -171,11 +178,18 @@ fn mistakes_are_reported_by_path() {
         first_error(&text).path,
         format!("{F}.tunneling_config.target_host")
     );
-    // No tunneling_config: plain UDP proxying is not implemented.
+    // No tunneling_config: plain UDP proxying, where the http_capsule filter has no place.
     let start = example().find("        tunneling_config:").unwrap();
     let end = example().find("  clusters:").unwrap();
     let text = format!("{}{}", &example()[..start], &example()[end..]);
-    assert_eq!(first_error(&text).path, format!("{F}.tunneling_config"));
+    assert_eq!(first_error(&text).path, format!("{F}.session_filters"));
+    let start = text.find("        session_filters:").unwrap();
+    let end = text.find("  clusters:").unwrap();
+    let plain = format!("{}{}", &text[..start], &text[end..]);
+    let b = load(&plain).unwrap_or_else(|e| panic!("{e}"));
+    let u = b.listeners[0].udp_proxy.as_ref().unwrap();
+    assert!(u.tunneling.is_none());
+    assert_eq!(u.cluster, "masque_proxy");
     // A udp_proxy on a QUIC listener.
     let text = edit(
         &example(),
@@ -212,7 +226,7 @@ fn session_access_log_and_options_load() {
         u.access_log_flush_interval,
         Some(Duration::from_millis(500))
     );
-    assert!(u.tunneling.propagate_response_headers);
+    assert!(u.tunneling.as_ref().unwrap().propagate_response_headers);
 
     // Mistakes name their path.
     for (from, to, path) in [

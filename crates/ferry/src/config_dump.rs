@@ -197,7 +197,24 @@ fn hcm(h: &HttpConnectionManager) -> Value {
 
 /// A udp_proxy listener's `listener_filters[0]`.
 fn udp_proxy(u: &ferry_config::UdpProxy) -> Value {
-    let t = &u.tunneling;
+    let Some(t) = &u.tunneling else {
+        return json!({
+            "name": "envoy.filters.udp_listener.udp_proxy",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.UdpProxyConfig",
+                "stat_prefix": u.stat_prefix,
+                "matcher": {"on_no_match": {"action": {
+                    "name": "route",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.Route",
+                        "cluster": u.cluster,
+                    },
+                }}},
+                "idle_timeout": duration(u.idle_timeout),
+                "access_log": u.access_log.iter().map(access_log).collect::<Vec<_>>(),
+            },
+        });
+    };
     let mut tunneling = json!({
         "proxy_host": t.proxy_host,
         "target_host": t.target_host,

@@ -99,6 +99,8 @@ pub struct SessionStats {
     pub sess_tx_datagrams: Counter,
     pub sess_rx_datagrams: Counter,
     pub sess_tx_errors: Counter,
+    /// Plain UDP: receive errors on a session's upstream socket (ICMP errors).
+    pub sess_rx_errors: Counter,
     pub sess_tunnel_success: Counter,
     pub sess_tunnel_failure: Counter,
     pub sess_tunnel_buffer_overflow: Counter,
@@ -124,6 +126,7 @@ impl SessionStats {
             sess_tx_datagrams: c("sess_tx_datagrams"),
             sess_rx_datagrams: c("sess_rx_datagrams"),
             sess_tx_errors: c("sess_tx_errors"),
+            sess_rx_errors: c("sess_rx_errors"),
             sess_tunnel_success: c("sess_tunnel_success"),
             sess_tunnel_failure: c("sess_tunnel_failure"),
             sess_tunnel_buffer_overflow: c("sess_tunnel_buffer_overflow"),
@@ -146,6 +149,12 @@ pub enum Upstream {
         proxy: SocketAddr,
         authority: String,
         pool: Box<crate::upstream_tcp::TcpPool>,
+    },
+    /// The udp_proxy listener without `tunneling_config`: plain UDP to a host of
+    /// `cluster` (round robin), one connected socket per session.
+    PlainUdp {
+        clusters: Arc<ArcSwap<ClusterManager>>,
+        cluster: String,
     },
     /// The udp_proxy listener: a host of `cluster` (round robin), on the cluster's pooled
     /// HTTP/3 or HTTP/2 connections (HTTP/1.1: one per tunnel); `authority` is
@@ -272,6 +281,41 @@ impl<R: StreamRecv, S: StreamSend> UpstreamTunnel for CapsuleTunnel<R, S> {
     }
 }
 
+/// Plain UDP to one host (udp_proxy without `tunneling_config`): a connected socket.
+pub struct PlainUdpTunnel {
+    socket: UdpSocket,
+    buf: Vec<u8>,
+    headers: HeaderMap,
+    rx_errors: Counter,
+}
+
+impl UpstreamTunnel for PlainUdpTunnel {
+    async fn send_udp(&mut self, payload: Bytes) -> Result<Encoding, String> {
+        self.socket
+            .send(&payload)
+            .await
+            .map_err(|e| e.to_string())?;
+        // Not a CONNECT-UDP encoding: counted with the datagram sends.
+        Ok(Encoding::QuicDatagram)
+    }
+
+    async fn recv_udp(&mut self) -> Received {
+        loop {
+            match self.socket.recv(&mut self.buf).await {
+                Ok(n) => {
+                    let data = Bytes::copy_from_slice(self.buf.get(..n).unwrap_or_default());
+                    return Received::Udp(Encoding::QuicDatagram, data);
+                }
+                // An ICMP error for an earlier send (port unreachable, ...): counted, the
+                // session goes on (as in Envoy, `sess_rx_errors`).
+                Err(_) => self.rx_errors.inc(),
+            }
+        }
+    }
+
+    async fn finish(&mut self) {}
+}
+
 /// An HTTP/2 or HTTP/1.1 tunnel's byte stream.
 pub type TcpTunnel = CapsuleTunnel<crate::upstream_tcp::TcpRecv, crate::upstream_tcp::TcpSend>;
 
@@ -279,6 +323,8 @@ pub type TcpTunnel = CapsuleTunnel<crate::upstream_tcp::TcpRecv, crate::upstream
 pub enum Opened {
     /// HTTP/3: datagrams as QUIC DATAGRAM frames where they fit, else capsules.
     H3(Box<ClientTunnel>),
+    /// Plain UDP (no tunnel): always "accepted".
+    Plain(Box<PlainUdpTunnel>),
     /// HTTP/2 or HTTP/1.1: every datagram a DATAGRAM capsule. `status` is the client's
     /// view (an HTTP/1.1 `101` is a `200`); `tunnel` is there when the proxy accepted.
     Tcp {
@@ -292,12 +338,14 @@ impl Opened {
     pub fn status(&self) -> StatusCode {
         match self {
             Opened::H3(t) => t.status,
+            Opened::Plain(_) => StatusCode::OK,
             Opened::Tcp { status, .. } => *status,
         }
     }
     pub fn headers(&self) -> &HeaderMap {
         match self {
             Opened::H3(t) => &t.headers,
+            Opened::Plain(t) => &t.headers,
             Opened::Tcp { headers, .. } => headers,
         }
     }
@@ -386,6 +434,34 @@ impl Tunneling {
                 open_tcp(pool, *proxy, authority, &self.path, &headers).await?,
                 *proxy,
             )),
+            Upstream::PlainUdp { clusters, cluster } => {
+                let clusters = clusters.load_full();
+                let state = clusters
+                    .get(cluster)
+                    .ok_or_else(|| format!("no cluster {cluster}"))?;
+                let addr = state
+                    .pick()
+                    .map_err(|e| format!("cluster {cluster}: no host ({e:?})"))?;
+                let bind: SocketAddr = if addr.is_ipv4() {
+                    (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+                } else {
+                    (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+                };
+                let socket = UdpSocket::bind(bind)
+                    .await
+                    .map_err(|e| format!("upstream socket: {e}"))?;
+                socket
+                    .connect(addr)
+                    .await
+                    .map_err(|e| format!("upstream socket to {addr}: {e}"))?;
+                let tunnel = PlainUdpTunnel {
+                    socket,
+                    buf: vec![0u8; 65536],
+                    headers: HeaderMap::new(),
+                    rx_errors: self.stats.sess_rx_errors.clone(),
+                };
+                Ok((Opened::Plain(Box::new(tunnel)), addr))
+            }
             Upstream::Cluster {
                 clusters,
                 cluster,
@@ -731,11 +807,16 @@ async fn session(
         idle_timeout: false,
     };
     let Some((opened, via)) = connect(peer, &t, &mut info).await else {
-        stats.sess_tunnel_failure.inc();
+        if !matches!(t.upstream, Upstream::PlainUdp { .. }) {
+            stats.sess_tunnel_failure.inc();
+        }
         info.log(&t, &shared, "UdpSessionEnd");
         return;
     };
-    stats.sess_tunnel_success.inc();
+    let plain = matches!(opened, Opened::Plain(_));
+    if !plain {
+        stats.sess_tunnel_success.inc();
+    }
     if t.print {
         println!(
             "tunnel {peer} -> {} via {via}: {}",
@@ -744,7 +825,7 @@ async fn session(
         );
     }
     shared.up.store(true, Ordering::Release);
-    if t.logging.on_tunnel_connected {
+    if t.logging.on_tunnel_connected && !plain {
         info.log(&t, &shared, "UdpTunnelUpstreamConnected");
     }
     let ctx = Relay {
@@ -756,6 +837,7 @@ async fn session(
     };
     let (why, summary) = match opened {
         Opened::H3(tunnel) => relay(&ctx, *tunnel, &mut from_peer).await,
+        Opened::Plain(tunnel) => relay(&ctx, *tunnel, &mut from_peer).await,
         Opened::Tcp {
             tunnel: Some(tunnel),
             ..

@@ -1,6 +1,7 @@
-//! The udp_proxy listener (`envoy.filters.udp_listener.udp_proxy` with `tunneling_config`):
+//! The udp_proxy listener (`envoy.filters.udp_listener.udp_proxy`). With `tunneling_config`:
 //! raw UDP in, one CONNECT-UDP tunnel per downstream session out, on the cluster's pooled
-//! HTTP/3 connections. The sessions themselves are `encap.rs`, shared with `ferry client`.
+//! connections; without it (Envoy's default): plain UDP to a host of the cluster, one
+//! socket per session. The sessions themselves are `encap.rs`, shared with `ferry client`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -58,35 +59,62 @@ impl UdpProxyListener {
         let local_addr = socket
             .local_addr()
             .map_err(|e| format!("listener {}: {e}", listener.name))?;
-        let t = &config.tunneling;
         let logs = AccessLogs::open(&config.access_log, destinations)
             .map_err(|e| format!("listener {}: {e}", listener.name))?;
-        let logging = SessionLogging {
+        let mut logging = SessionLogging {
             logs,
             on_tunnel_connected: config.flush_access_log_on_tunnel_connected,
             flush_interval: config.access_log_flush_interval,
-            propagate_response_headers: t.propagate_response_headers,
+            propagate_response_headers: false,
             local: Some(local_addr),
             cluster: config.cluster.clone(),
         };
-        let tunneling = Tunneling {
-            upstream: Upstream::Cluster {
-                clusters,
-                cluster: config.cluster.clone(),
-                authority: authority(&t.proxy_host, t.proxy_port),
+        let stats = SessionStats::new(store, &config.stat_prefix, &config.cluster);
+        let tunneling = match &config.tunneling {
+            Some(t) => {
+                logging.propagate_response_headers = t.propagate_response_headers;
+                Tunneling {
+                    upstream: Upstream::Cluster {
+                        clusters,
+                        cluster: config.cluster.clone(),
+                        authority: authority(&t.proxy_host, t.proxy_port),
+                    },
+                    path: UriTemplate::default_template()
+                        .expand_path(&t.target_host, t.default_target_port),
+                    headers: t.headers_to_add.clone(),
+                    target: format!("{}:{}", t.target_host, t.default_target_port),
+                    settings: SessionSettings {
+                        idle_timeout: config.idle_timeout,
+                        buffer: t.buffer,
+                        max_connect_attempts: t.max_connect_attempts,
+                    },
+                    stats,
+                    print: false,
+                    logging,
+                }
+            }
+            // Plain UDP: the session's socket is there at once, so nothing is lost while
+            // it opens (a session queue of 1,024 datagrams, as for a tunnel that is up).
+            None => Tunneling {
+                upstream: Upstream::PlainUdp {
+                    clusters,
+                    cluster: config.cluster.clone(),
+                },
+                path: String::new(),
+                headers: Vec::new(),
+                target: config.cluster.clone(),
+                settings: SessionSettings {
+                    idle_timeout: config.idle_timeout,
+                    buffer: Some(ferry_config::BufferOptions {
+                        max_buffered_datagrams: 1024,
+                        max_buffered_bytes: 16 << 20,
+                    }),
+                    max_connect_attempts: 1,
+                },
+                stats,
+                print: false,
+                logging,
             },
-            path: UriTemplate::default_template()
-                .expand_path(&t.target_host, t.default_target_port),
-            headers: t.headers_to_add.clone(),
-            target: format!("{}:{}", t.target_host, t.default_target_port),
-            settings: SessionSettings {
-                idle_timeout: config.idle_timeout,
-                buffer: t.buffer,
-                max_connect_attempts: t.max_connect_attempts,
-            },
-            stats: SessionStats::new(store, &config.stat_prefix, &config.cluster),
-            print: false,
-            logging,
         };
         Ok(UdpProxyListener {
             local_addr,

@@ -456,7 +456,7 @@ async fn session_access_log_lines() {
     );
     let last = lines.last().unwrap();
     let want = format!(
-        "UdpSessionEnd {peer} {} {} 10 10 proxy 2 2 0 1 - - ",
+        "UdpSessionEnd {peer} {} {} 10 10 proxy 2 2 0 1 SI - ",
         proxy.addr, terminator.addr
     );
     assert!(last.starts_with(&want), "{last}\nwant {want}");
@@ -532,5 +532,81 @@ async fn failed_and_retried_sessions_are_logged_with_flags() {
     a.send_to(b"retry", proxy.addr).await.unwrap();
     assert_eq!(recv(&a).await, b"retry");
     let lines = log_lines_once(&path, "UF").await;
-    assert_eq!(lines, vec![format!("2 UF {}", terminator.addr)]);
+    assert_eq!(lines, vec![format!("2 UF,SI {}", terminator.addr)]);
+}
+
+/// Without `tunneling_config` (Envoy's default udp_proxy): plain UDP to a host of the
+/// cluster, one socket per session, nothing lost while it opens; Envoy's stats and the
+/// session access log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_udp_proxying_without_tunneling_config() {
+    let target = EchoTarget::start().await;
+    let path = temp_log("plain.log");
+    let yaml = format!(
+        r#"admin:
+  address:
+    socket_address: {{ address: 127.0.0.1, port_value: 0 }}
+static_resources:
+  listeners:
+  - name: udp_in
+    address:
+      socket_address: {{ protocol: UDP, address: 127.0.0.1, port_value: 0 }}
+    listener_filters:
+    - name: envoy.filters.udp_listener.udp_proxy
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.UdpProxyConfig
+        stat_prefix: plain
+        idle_timeout: 0.5s
+        matcher:
+          on_no_match:
+            action:
+              name: route
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.Route
+                cluster: service
+{log}  clusters:
+  - name: service
+    type: STATIC
+    load_assignment:
+      cluster_name: service
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{ address: 127.0.0.1, port_value: {port} }}
+"#,
+        log = session_log(
+            &path,
+            "%ACCESS_LOG_TYPE% %UPSTREAM_HOST% %BYTES_RECEIVED% %BYTES_SENT% %RESPONSE_FLAGS%",
+            ""
+        ),
+        port = target.addr.port(),
+    );
+    let proxy = Proxy::start(&yaml, test_cert()).await;
+    let a = app().await;
+    // Three at once: none is lost while the session's socket opens.
+    for i in 0..3u8 {
+        a.send_to(&[b'p', i], proxy.addr).await.unwrap();
+    }
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(recv(&a).await);
+    }
+    got.sort();
+    assert_eq!(got, vec![vec![b'p', 0], vec![b'p', 1], vec![b'p', 2]]);
+    assert_eq!(target.seen().len(), 3);
+    assert_eq!(proxy.stat("udp.plain.downstream_sess_total"), 1);
+    assert_eq!(proxy.stat("udp.plain.downstream_sess_rx_datagrams"), 3);
+    assert_eq!(proxy.stat("udp.plain.downstream_sess_tx_datagrams"), 3);
+    assert_eq!(proxy.stat("cluster.service.udp.sess_tx_datagrams"), 3);
+    assert_eq!(proxy.stat("cluster.service.udp.sess_rx_datagrams"), 3);
+    assert_eq!(proxy.stat("cluster.service.udp.sess_tunnel_success"), 0);
+    assert_eq!(
+        proxy.stat("cluster.service.udp.sess_tunnel_buffer_overflow"),
+        0
+    );
+    let lines = log_lines_once(&path, "UdpSessionEnd").await;
+    assert_eq!(lines, vec![format!("UdpSessionEnd {} 6 6 SI", target.addr)]);
+    proxy.wait_stat("udp.plain.idle_timeout", 1).await;
+    assert_eq!(proxy.stat("udp.plain.downstream_sess_active"), 0);
 }
