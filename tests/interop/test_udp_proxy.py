@@ -347,3 +347,84 @@ def test_session_access_log_matches_envoy(spawn_proxy, workdir):
         assert (end["datagrams_received"], end["datagrams_sent"]) == (2, 2)
     finally:
         target.close()
+
+
+PLAIN_UDP_PROXY = """\
+admin:
+  address:
+    socket_address: {{ address: 127.0.0.1, port_value: 0 }}
+static_resources:
+  listeners:
+  - name: udp_in
+    address:
+      socket_address: {{ protocol: UDP, address: 127.0.0.1, port_value: 0 }}
+    listener_filters:
+    - name: envoy.filters.udp_listener.udp_proxy
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.UdpProxyConfig
+        stat_prefix: plain
+        idle_timeout: 1s
+        matcher:
+          on_no_match:
+            action:
+              name: route
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.Route
+                cluster: service
+        access_log:
+        - name: envoy.access_loggers.file
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+            path: {log}
+            log_format:
+              json_format:
+{fields}
+  clusters:
+  - name: service
+    type: STATIC
+    load_assignment:
+      cluster_name: service
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{ address: 127.0.0.1, port_value: {port} }}
+"""
+
+
+def test_plain_udp_proxy_matches_envoy(spawn_proxy, workdir):
+    """Differential: a udp_proxy without tunneling_config (plain UDP to the cluster) under
+    Envoy 1.40 and under Ferry: replies, stats and the session access log agree."""
+    import json
+    fields = "\n".join(f"                {k}: {json.dumps(v)}" for k, v in SESSION_LOG_FIELDS.items()
+                       if k != "headers")
+    target = UdpTarget()
+    try:
+        records = {}
+        for impl in ["envoy", "ferry"]:
+            log = workdir / f"{impl}-plain.log"
+            config = workdir / f"{impl}-plain.yaml"
+            config.write_text(PLAIN_UDP_PROXY.format(log=log, fields=fields, port=target.port))
+            udp = spawn_proxy(impl, f"{impl}-plain", config=config)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.settimeout(WAIT)
+                s.bind(("127.0.0.1", 0))
+                # Both at once: the first datagram opens the session, neither is lost.
+                s.sendto(b"one", ("127.0.0.1", udp.listener_port))
+                s.sendto(b"two!", ("127.0.0.1", udp.listener_port))
+                got = sorted([s.recvfrom(65535)[0], s.recvfrom(65535)[0]])
+                assert got == [b"one", b"two!"], udp.log_tail()
+            lines = session_log_lines(log, 1)
+            assert len(lines) == 1, f"{impl}: {lines}"
+            records[impl] = lines[0]
+            assert udp.counter("udp.plain.downstream_sess_total") == 1
+            assert udp.counter("cluster.service.udp.sess_tx_datagrams") == 2
+            assert udp.counter("cluster.service.udp.sess_rx_datagrams") == 2
+        print(records)
+        envoy, ferry = records["envoy"], records["ferry"]
+        for key in ["type", "flags", "attempts", "bytes_received", "bytes_sent", "cluster_name",
+                    "datagrams_received", "datagrams_sent", "errors_sent", "upstream_host"]:
+            assert envoy[key] == ferry[key], f"{key}: envoy {envoy} ferry {ferry}"
+        assert ferry["upstream_host"] == f"127.0.0.1:{target.port}"
+    finally:
+        target.close()

@@ -814,7 +814,10 @@ async fn session(
         return;
     };
     let plain = matches!(opened, Opened::Plain(_));
-    if !plain {
+    if plain {
+        // As in Envoy: a plain session makes no tunnel attempts.
+        info.attempts = 0;
+    } else {
         stats.sess_tunnel_success.inc();
     }
     if t.print {
@@ -844,7 +847,8 @@ async fn session(
         } => relay(&ctx, *tunnel, &mut from_peer).await,
         Opened::Tcp { tunnel: None, .. } => ("no tunnel", "no tunnel".to_string()),
     };
-    info.idle_timeout = why == IDLE;
+    // Envoy flags `SI` on tunnelled sessions only.
+    info.idle_timeout = why == IDLE && !plain;
     tracing::debug!(%peer, "{summary}");
     if t.print {
         println!("tunnel {peer} closed ({summary})");

@@ -606,7 +606,7 @@ static_resources:
         0
     );
     let lines = log_lines_once(&path, "UdpSessionEnd").await;
-    assert_eq!(lines, vec![format!("UdpSessionEnd {} 6 6 SI", target.addr)]);
+    assert_eq!(lines, vec![format!("UdpSessionEnd {} 6 6 -", target.addr)]);
     proxy.wait_stat("udp.plain.idle_timeout", 1).await;
     assert_eq!(proxy.stat("udp.plain.downstream_sess_active"), 0);
 }
