@@ -8,6 +8,8 @@
   and Envoy terminators on TCP listeners.
 - Real protocols through the tunnel: DNS (dnspython's client, dnsmasq's server) and QUIC
   inside QUIC (an aioquic HTTP/3 client and server; the inner packets are 1,200 bytes).
+- Differential: the session access log (Envoy's UDP operators) and plain UDP proxying (no
+  tunneling_config), one bootstrap under Envoy 1.40 and under Ferry, fields compared.
 """
 
 from __future__ import annotations
@@ -238,3 +240,193 @@ def test_http3_inside_the_tunnel(spawn_proxy):
             server.close()
 
     run_async(scenario(), timeout=60)
+
+
+# --------------------------------------------------------------------------- session access log
+
+
+SESSION_LOG_FIELDS = {
+    "type": "%ACCESS_LOG_TYPE%",
+    "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
+    "flags": "%RESPONSE_FLAGS%",
+    "bytes_received": "%BYTES_RECEIVED%",
+    "bytes_sent": "%BYTES_SENT%",
+    "cluster_name": "%DYNAMIC_METADATA(udp.proxy.session:cluster_name)%",
+    "datagrams_received": "%DYNAMIC_METADATA(udp.proxy.session:datagrams_received)%",
+    "datagrams_sent": "%DYNAMIC_METADATA(udp.proxy.session:datagrams_sent)%",
+    "errors_sent": "%DYNAMIC_METADATA(udp.proxy.session:errors_sent)%",
+    "downstream_remote": "%DOWNSTREAM_REMOTE_ADDRESS%",
+    "upstream_host": "%UPSTREAM_HOST%",
+    "headers": "%FILTER_STATE(envoy.udp_proxy.propagate_response_headers:TYPED)%",
+    "duration": "%DURATION%",
+}
+
+
+def with_session_log(config: Path, log: Path) -> Path:
+    """Add a JSON session access log, access_log_options and propagate_response_headers to a
+    rendered udp-proxy-h2 bootstrap; a 1 s idle_timeout ends the session."""
+    import json
+    fields = "\n".join(f"                {k}: {json.dumps(v)}" for k, v in SESSION_LOG_FIELDS.items())
+    block = (
+        "        idle_timeout: 1s\n"
+        "        access_log:\n"
+        "        - name: envoy.access_loggers.file\n"
+        "          typed_config:\n"
+        "            \"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog\n"
+        f"            path: {log}\n"
+        "            log_format:\n"
+        "              json_format:\n"
+        f"{fields}\n"
+        "        access_log_options:\n"
+        "          flush_access_log_on_tunnel_connected: true\n"
+    )
+    text = config.read_text()
+    anchor = "        stat_prefix: udp_tunnel\n"
+    assert anchor in text
+    text = text.replace(anchor, anchor + block, 1)
+    anchor = "          buffer_options: {}\n"
+    assert anchor in text
+    text = text.replace(anchor, anchor + "          propagate_response_headers: true\n", 1)
+    out = config.with_name(config.stem + "-logged.yaml")
+    out.write_text(text)
+    return out
+
+
+def session_log_lines(log: Path, count: int) -> list[dict]:
+    import json
+    deadline = time.monotonic() + WAIT
+    while True:
+        lines = log.read_text().splitlines() if log.exists() else []
+        if len(lines) >= count or time.monotonic() > deadline:
+            return [json.loads(line) for line in lines]
+        time.sleep(0.05)
+
+
+def test_session_access_log_matches_envoy(spawn_proxy, workdir):
+    """Differential: the same udp_proxy bootstrap (HTTP/2 tunnels to a Ferry terminator,
+    a JSON session access log with Envoy's UDP operators) under Envoy 1.40 and under Ferry;
+    the deterministic fields of both lines (tunnel connected, session end) must agree."""
+    target = UdpTarget()
+    try:
+        term = spawn_proxy("ferry", "ferry-terminator", "terminate-tcp-h2-h1.yaml.in",
+                           ECHO_PORT=target.port)
+        records = {}
+        for impl in ["envoy", "ferry"]:
+            rendered = render_bootstrap("udp-proxy-h2.yaml.in", workdir / f"{impl}-udp-log.yaml",
+                                        NEXT_HOP_PORT=term.listener_port, TARGET_HOST="localhost",
+                                        TARGET_PORT=target.port)
+            log = workdir / f"{impl}-sessions.log"
+            udp = spawn_proxy(impl, f"{impl}-udp-proxy", config=with_session_log(rendered, log))
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.settimeout(WAIT)
+                s.bind(("127.0.0.1", 0))
+                for payload in [b"first!", b"second"]:
+                    s.sendto(payload, ("127.0.0.1", udp.listener_port))
+                    assert s.recvfrom(65535)[0] == payload, udp.log_tail()
+                peer = "%s:%d" % s.getsockname()
+            lines = session_log_lines(log, 2)
+            assert [l["type"] for l in lines] == ["UdpTunnelUpstreamConnected", "UdpSessionEnd"], \
+                f"{impl}: {lines}\n{udp.log_tail()}"
+            records[impl] = lines
+            end = lines[1]
+            assert end["downstream_remote"] == peer
+            assert end["upstream_host"] == f"127.0.0.1:{term.listener_port}", f"{impl}: {end}"
+            # The proxy's response headers (propagate_response_headers): Envoy shows its
+            # internal HTTP/1 form of the HTTP/2 200 (101, upgrade, connection), Ferry the
+            # response as received.
+            status = "101" if impl == "envoy" else "200"
+            headers = end["headers"]["headers"]
+            assert headers[0] == {"key": ":status", "value": status}, f"{impl}: {end}"
+            assert {"key": "capsule-protocol", "value": "?1"} in headers, f"{impl}: {end}"
+        print(records)
+        for i in range(2):
+            envoy, ferry = records["envoy"][i], records["ferry"][i]
+            for key in ["type", "attempts", "flags", "bytes_received", "bytes_sent", "cluster_name",
+                        "datagrams_received", "datagrams_sent", "errors_sent"]:
+                assert envoy[key] == ferry[key], f"line {i} {key}: envoy {envoy} ferry {ferry}"
+        end = records["ferry"][1]
+        assert (end["bytes_received"], end["bytes_sent"]) == (12, 12)
+        assert (end["datagrams_received"], end["datagrams_sent"]) == (2, 2)
+    finally:
+        target.close()
+
+
+PLAIN_UDP_PROXY = """\
+admin:
+  address:
+    socket_address: {{ address: 127.0.0.1, port_value: 0 }}
+static_resources:
+  listeners:
+  - name: udp_in
+    address:
+      socket_address: {{ protocol: UDP, address: 127.0.0.1, port_value: 0 }}
+    listener_filters:
+    - name: envoy.filters.udp_listener.udp_proxy
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.UdpProxyConfig
+        stat_prefix: plain
+        idle_timeout: 1s
+        matcher:
+          on_no_match:
+            action:
+              name: route
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.Route
+                cluster: service
+        access_log:
+        - name: envoy.access_loggers.file
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+            path: {log}
+            log_format:
+              json_format:
+{fields}
+  clusters:
+  - name: service
+    type: STATIC
+    load_assignment:
+      cluster_name: service
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{ address: 127.0.0.1, port_value: {port} }}
+"""
+
+
+def test_plain_udp_proxy_matches_envoy(spawn_proxy, workdir):
+    """Differential: a udp_proxy without tunneling_config (plain UDP to the cluster) under
+    Envoy 1.40 and under Ferry: replies, stats and the session access log agree."""
+    import json
+    fields = "\n".join(f"                {k}: {json.dumps(v)}" for k, v in SESSION_LOG_FIELDS.items()
+                       if k != "headers")
+    target = UdpTarget()
+    try:
+        records = {}
+        for impl in ["envoy", "ferry"]:
+            log = workdir / f"{impl}-plain.log"
+            config = workdir / f"{impl}-plain.yaml"
+            config.write_text(PLAIN_UDP_PROXY.format(log=log, fields=fields, port=target.port))
+            udp = spawn_proxy(impl, f"{impl}-plain", config=config)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.settimeout(WAIT)
+                s.bind(("127.0.0.1", 0))
+                # Both at once: the first datagram opens the session, neither is lost.
+                s.sendto(b"one", ("127.0.0.1", udp.listener_port))
+                s.sendto(b"two!", ("127.0.0.1", udp.listener_port))
+                got = sorted([s.recvfrom(65535)[0], s.recvfrom(65535)[0]])
+                assert got == [b"one", b"two!"], udp.log_tail()
+            lines = session_log_lines(log, 1)
+            assert len(lines) == 1, f"{impl}: {lines}"
+            records[impl] = lines[0]
+            assert udp.counter("udp.plain.downstream_sess_total") == 1
+            assert udp.counter("cluster.service.udp.sess_tx_datagrams") == 2
+            assert udp.counter("cluster.service.udp.sess_rx_datagrams") == 2
+        print(records)
+        envoy, ferry = records["envoy"], records["ferry"]
+        for key in ["type", "flags", "attempts", "bytes_received", "bytes_sent", "cluster_name",
+                    "datagrams_received", "datagrams_sent", "errors_sent", "upstream_host"]:
+            assert envoy[key] == ferry[key], f"{key}: envoy {envoy} ferry {ferry}"
+        assert ferry["upstream_host"] == f"127.0.0.1:{target.port}"
+    finally:
+        target.close()

@@ -27,6 +27,27 @@ pub const TUNNEL_METADATA_KEYS: [&str; 9] = [
     "cluster",
 ];
 
+/// The dynamic metadata namespace of a udp_proxy session (Envoy's), filled at the
+/// session's end: `%DYNAMIC_METADATA(udp.proxy.session:KEY)%`.
+pub const UDP_SESSION_METADATA_NAMESPACE: &str = "udp.proxy.session";
+
+/// The keys of [`UDP_SESSION_METADATA_NAMESPACE`] (Envoy's).
+pub const UDP_SESSION_METADATA_KEYS: [&str; 6] = [
+    "cluster_name",
+    "bytes_sent",
+    "bytes_received",
+    "errors_sent",
+    "datagrams_sent",
+    "datagrams_received",
+];
+
+/// The filter state keys a udp_proxy session fills (Envoy's): the tunnel's response
+/// headers (`propagate_response_headers`) and trailers.
+pub const UDP_FILTER_STATE_KEYS: [&str; 2] = [
+    "envoy.udp_proxy.propagate_response_headers",
+    "envoy.udp_proxy.propagate_response_trailers",
+];
+
 /// A parsed format string.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Template {
@@ -85,6 +106,16 @@ pub enum Operator {
         namespace: String,
         path: Vec<String>,
     },
+    /// `FILTER_STATE(KEY)`, `FILTER_STATE(KEY:TYPED)` or `FILTER_STATE(KEY:PLAIN)`.
+    FilterState {
+        key: String,
+        plain: bool,
+    },
+    /// `UPSTREAM_REQUEST_ATTEMPT_COUNT`: a udp_proxy session's tunnel attempts.
+    UpstreamRequestAttemptCount,
+    /// `ACCESS_LOG_TYPE`: `DownstreamEnd` (HCM), `UdpSessionEnd`,
+    /// `UdpTunnelUpstreamConnected`, `UdpPeriodic` (udp_proxy).
+    AccessLogType,
 }
 
 /// `REQ`/`RESP` arguments: a header and an optional alternative, lower-cased.
@@ -108,6 +139,7 @@ impl Operator {
                 | Operator::DownstreamRemotePort
                 | Operator::DownstreamLocalPort
                 | Operator::ConnectionId
+                | Operator::UpstreamRequestAttemptCount
         )
     }
 }
@@ -171,6 +203,16 @@ impl fmt::Display for Command {
                 }
                 ("DYNAMIC_METADATA", Some(a))
             }
+            Operator::FilterState { key, plain } => (
+                "FILTER_STATE",
+                Some(if *plain {
+                    format!("{key}:PLAIN")
+                } else {
+                    key.clone()
+                }),
+            ),
+            Operator::UpstreamRequestAttemptCount => ("UPSTREAM_REQUEST_ATTEMPT_COUNT", None),
+            Operator::AccessLogType => ("ACCESS_LOG_TYPE", None),
         };
         write!(f, "%{name}")?;
         if let Some(a) = args {
@@ -190,7 +232,9 @@ DURATION, RESPONSE_DURATION, BYTES_RECEIVED, BYTES_SENT, PROTOCOL, DOWNSTREAM_RE
 DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT, DOWNSTREAM_REMOTE_PORT, DOWNSTREAM_LOCAL_ADDRESS, \
 DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT, DOWNSTREAM_LOCAL_PORT, UPSTREAM_HOST, UPSTREAM_CLUSTER, \
 UPSTREAM_LOCAL_ADDRESS, ROUTE_NAME, REQUESTED_SERVER_NAME, CONNECTION_ID, HOSTNAME, \
-DYNAMIC_METADATA(ferry.connect_udp:KEY)";
+DYNAMIC_METADATA(ferry.connect_udp:KEY), DYNAMIC_METADATA(udp.proxy.session:KEY), \
+FILTER_STATE(envoy.udp_proxy.propagate_response_headers), UPSTREAM_REQUEST_ATTEMPT_COUNT, \
+ACCESS_LOG_TYPE";
 
 /// Why a format string was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -356,25 +400,50 @@ fn operator(name: &str, args: Option<&str>) -> Result<Operator, FormatError> {
                 )));
             }
             let path: Vec<String> = parts.map(str::to_owned).collect();
-            if namespace != TUNNEL_METADATA_NAMESPACE {
-                return Err(FormatError(format!(
-                    "%DYNAMIC_METADATA({a})%: Ferry fills only the `{TUNNEL_METADATA_NAMESPACE}` namespace (keys: {})",
-                    TUNNEL_METADATA_KEYS.join(", ")
-                )));
-            }
-            match path.as_slice() {
-                [] => {}
-                [key] if TUNNEL_METADATA_KEYS.contains(&key.as_str()) => {}
+            let keys: &[&str] = match namespace.as_str() {
+                TUNNEL_METADATA_NAMESPACE => &TUNNEL_METADATA_KEYS,
+                UDP_SESSION_METADATA_NAMESPACE => &UDP_SESSION_METADATA_KEYS,
                 _ => {
                     return Err(FormatError(format!(
-                        "%DYNAMIC_METADATA({a})%: `{}` is not a key of `{TUNNEL_METADATA_NAMESPACE}` (keys: {})",
+                        "%DYNAMIC_METADATA({a})%: Ferry fills only the `{TUNNEL_METADATA_NAMESPACE}` namespace (keys: {}) and, for udp_proxy sessions, `{UDP_SESSION_METADATA_NAMESPACE}` (keys: {})",
+                        TUNNEL_METADATA_KEYS.join(", "),
+                        UDP_SESSION_METADATA_KEYS.join(", ")
+                    )));
+                }
+            };
+            match path.as_slice() {
+                [] => {}
+                [key] if keys.contains(&key.as_str()) => {}
+                _ => {
+                    return Err(FormatError(format!(
+                        "%DYNAMIC_METADATA({a})%: `{}` is not a key of `{namespace}` (keys: {})",
                         path.join(":"),
-                        TUNNEL_METADATA_KEYS.join(", ")
+                        keys.join(", ")
                     )))
                 }
             }
             Ok(Operator::DynamicMetadata { namespace, path })
         }
+        "FILTER_STATE" => {
+            let a = args.unwrap_or("");
+            let (key, plain) = match a.rsplit_once(':') {
+                Some((k, "TYPED")) => (k, false),
+                Some((k, "PLAIN")) => (k, true),
+                _ => (a, false),
+            };
+            if !UDP_FILTER_STATE_KEYS.contains(&key) {
+                return Err(FormatError(format!(
+                    "%FILTER_STATE({a})%: Ferry fills only the filter state keys {} (optionally with :TYPED or :PLAIN)",
+                    UDP_FILTER_STATE_KEYS.join(", ")
+                )));
+            }
+            Ok(Operator::FilterState {
+                key: key.to_owned(),
+                plain,
+            })
+        }
+        "UPSTREAM_REQUEST_ATTEMPT_COUNT" => no_args(Operator::UpstreamRequestAttemptCount),
+        "ACCESS_LOG_TYPE" => no_args(Operator::AccessLogType),
         other => Err(FormatError(format!(
             "`%{other}%` is not a command operator Ferry supports (yet); supported: {SUPPORTED_OPERATORS}"
         ))),
@@ -437,6 +506,8 @@ mod tests {
             ENVOY_DEFAULT_FORMAT,
             "%START_TIME(%s.%3f)% 100%% %REQ(:AUTHORITY):5% %DYNAMIC_METADATA(ferry.connect_udp:target)%",
             "%DYNAMIC_METADATA(ferry.connect_udp)% %RESP(PROXY-STATUS?X)% %CONNECTION_ID%\n",
+            "%ACCESS_LOG_TYPE% %UPSTREAM_REQUEST_ATTEMPT_COUNT% %DYNAMIC_METADATA(udp.proxy.session:datagrams_sent)%",
+            "%FILTER_STATE(envoy.udp_proxy.propagate_response_headers:PLAIN)% %FILTER_STATE(envoy.udp_proxy.propagate_response_headers)%",
         ] {
             let t = parse(text).unwrap();
             assert_eq!(parse(&t.to_string()).unwrap(), t, "{text}");
@@ -458,6 +529,9 @@ mod tests {
             "%REQ(a b)%",
             "%DYNAMIC_METADATA(other:x)%",
             "%DYNAMIC_METADATA(ferry.connect_udp:nope)%",
+            "%DYNAMIC_METADATA(udp.proxy.session:nope)%",
+            "%FILTER_STATE(some.other.key)%",
+            "%ACCESS_LOG_TYPE(x)%",
         ] {
             assert!(parse(bad).is_err(), "{bad}");
         }

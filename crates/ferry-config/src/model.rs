@@ -51,7 +51,17 @@ pub struct UdpProxy {
     pub cluster: String,
     /// `idle_timeout` (Envoy's default: 60 s); a session without datagrams either way ends.
     pub idle_timeout: Duration,
-    pub tunneling: UdpTunneling,
+    /// `tunneling_config`: each session tunnelled with CONNECT-UDP. None: plain UDP to a
+    /// host of the cluster (Envoy's default udp_proxy).
+    pub tunneling: Option<UdpTunneling>,
+    /// `access_log[]`: one line per session, at its end (Envoy's session access log).
+    pub access_log: Vec<AccessLog>,
+    /// `access_log_options.flush_access_log_on_tunnel_connected`: also a line when the
+    /// session's tunnel is up.
+    pub flush_access_log_on_tunnel_connected: bool,
+    /// `access_log_options.access_log_flush_interval`: also a line this often while the
+    /// session's tunnel is up.
+    pub access_log_flush_interval: Option<Duration>,
 }
 
 /// `UdpProxyConfig.tunneling_config`.
@@ -72,6 +82,9 @@ pub struct UdpTunneling {
     /// `buffer_options`: None means no buffering: datagrams that arrive before the tunnel
     /// is up are dropped (and counted), as in Envoy.
     pub buffer: Option<BufferOptions>,
+    /// `propagate_response_headers`: the proxy's response headers are kept for the access
+    /// log (`%FILTER_STATE(envoy.udp_proxy.propagate_response_headers)%`).
+    pub propagate_response_headers: bool,
 }
 
 /// `tunneling_config.buffer_options` (Envoy's defaults: 1024 datagrams, 16384 bytes).

@@ -321,11 +321,22 @@ envoy_message! {
         idle_timeout: Option<RawDuration>,
         session_filters: Vec<SessionFilter>,
         tunneling_config: Option<UdpTunnelingConfig>,
+        access_log: Vec<AccessLog>,
+        access_log_options: Option<UdpAccessLogOptions>,
     }
     unsupported [
         use_original_src_ip, hash_policies, upstream_socket_config,
-        use_per_packet_load_balancing, access_log, proxy_access_log, access_log_options,
+        use_per_packet_load_balancing, proxy_access_log,
     ]
+}
+
+envoy_message! {
+    /// `UdpProxyConfig.UdpAccessLogOptions`.
+    struct UdpAccessLogOptions {
+        access_log_flush_interval: Option<RawDuration>,
+        flush_access_log_on_tunnel_connected: Option<bool>,
+    }
+    unsupported []
 }
 
 envoy_message! {
@@ -386,8 +397,10 @@ envoy_message! {
         retry_options: Option<RetryOptions>,
         headers_to_add: Vec<HeaderValueOption>,
         buffer_options: Option<BufferOptions>,
+        propagate_response_headers: Option<bool>,
+        propagate_response_trailers: Option<bool>,
     }
-    unsupported [use_post, post_path, propagate_response_headers, propagate_response_trailers]
+    unsupported [use_post, post_path]
 }
 
 envoy_message! {

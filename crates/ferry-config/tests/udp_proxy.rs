@@ -41,7 +41,7 @@ fn the_example_loads_with_every_field() {
     assert_eq!(u.stat_prefix, "udp_tunnel");
     assert_eq!(u.cluster, "masque_proxy");
     assert_eq!(u.idle_timeout, Duration::from_secs(60));
-    let t = &u.tunneling;
+    let t = u.tunneling.as_ref().unwrap();
     assert_eq!(t.proxy_host, "localhost");
     assert_eq!(t.proxy_port, Some(4433));
     assert_eq!(t.target_host, "localhost");
@@ -78,9 +78,9 @@ fn defaults_are_envoys() {
     let b = load(&text).unwrap();
     let u = b.listeners[0].udp_proxy.as_ref().unwrap();
     assert_eq!(u.idle_timeout, Duration::from_secs(60));
-    assert_eq!(u.tunneling.max_connect_attempts, 1);
+    assert_eq!(u.tunneling.as_ref().unwrap().max_connect_attempts, 1);
     assert_eq!(
-        u.tunneling.buffer,
+        u.tunneling.as_ref().unwrap().buffer,
         Some(BufferOptions {
             max_buffered_datagrams: 1024,
             max_buffered_bytes: 16384
@@ -90,7 +90,14 @@ fn defaults_are_envoys() {
     let text = edit(&text, "          buffer_options: {}\n", "");
     let b = load(&text).unwrap();
     assert_eq!(
-        b.listeners[0].udp_proxy.as_ref().unwrap().tunneling.buffer,
+        b.listeners[0]
+            .udp_proxy
+            .as_ref()
+            .unwrap()
+            .tunneling
+            .as_ref()
+            .unwrap()
+            .buffer,
         None
     );
 }
@@ -100,8 +107,8 @@ fn unsupported_fields_are_named() {
     for (add, path) in [
         ("          use_post: true\n", "tunneling_config.use_post"),
         (
-            "          propagate_response_headers: true\n",
-            "tunneling_config.propagate_response_headers",
+            "          propagate_response_trailers: true\n",
+            "tunneling_config.propagate_response_trailers",
         ),
     ] {
         let text = edit(
@@ -171,11 +178,18 @@ fn mistakes_are_reported_by_path() {
         first_error(&text).path,
         format!("{F}.tunneling_config.target_host")
     );
-    // No tunneling_config: plain UDP proxying is not implemented.
+    // No tunneling_config: plain UDP proxying, where the http_capsule filter has no place.
     let start = example().find("        tunneling_config:").unwrap();
     let end = example().find("  clusters:").unwrap();
     let text = format!("{}{}", &example()[..start], &example()[end..]);
-    assert_eq!(first_error(&text).path, format!("{F}.tunneling_config"));
+    assert_eq!(first_error(&text).path, format!("{F}.session_filters"));
+    let start = text.find("        session_filters:").unwrap();
+    let end = text.find("  clusters:").unwrap();
+    let plain = format!("{}{}", &text[..start], &text[end..]);
+    let b = load(&plain).unwrap_or_else(|e| panic!("{e}"));
+    let u = b.listeners[0].udp_proxy.as_ref().unwrap();
+    assert!(u.tunneling.is_none());
+    assert_eq!(u.cluster, "masque_proxy");
     // A udp_proxy on a QUIC listener.
     let text = edit(
         &example(),
@@ -194,4 +208,51 @@ fn mistakes_are_reported_by_path() {
     let e = first_error(&text);
     assert_eq!(e.path, format!("{F}.@type"));
     assert!(e.message.contains("not supported by Ferry (yet)"), "{e}");
+}
+
+#[test]
+fn session_access_log_and_options_load() {
+    let log = "        access_log:\n        - name: envoy.access_loggers.stdout\n          typed_config:\n            \"@type\": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog\n            log_format:\n              text_format_source:\n                inline_string: \"%DYNAMIC_METADATA(udp.proxy.session:datagrams_sent)% %FILTER_STATE(envoy.udp_proxy.propagate_response_headers:TYPED)% %UPSTREAM_REQUEST_ATTEMPT_COUNT% %ACCESS_LOG_TYPE%\\n\"\n        access_log_options:\n          flush_access_log_on_tunnel_connected: true\n          access_log_flush_interval: 0.5s\n";
+    let text = edit(
+        &example(),
+        "        tunneling_config:\n",
+        &format!("{log}        tunneling_config:\n          propagate_response_headers: true\n"),
+    );
+    let b = load(&text).unwrap_or_else(|e| panic!("{e}"));
+    let u = b.listeners[0].udp_proxy.as_ref().unwrap();
+    assert_eq!(u.access_log.len(), 1);
+    assert!(u.flush_access_log_on_tunnel_connected);
+    assert_eq!(
+        u.access_log_flush_interval,
+        Some(Duration::from_millis(500))
+    );
+    assert!(u.tunneling.as_ref().unwrap().propagate_response_headers);
+
+    // Mistakes name their path.
+    for (from, to, path) in [
+        (
+            "udp.proxy.session:datagrams_sent",
+            "udp.proxy.session:nope",
+            "access_log[0].typed_config.log_format.text_format_source",
+        ),
+        (
+            "propagate_response_headers:TYPED",
+            "other.state",
+            "access_log[0].typed_config.log_format.text_format_source",
+        ),
+        (
+            "access_log_flush_interval: 0.5s",
+            "access_log_flush_interval: 0s",
+            "access_log_options.access_log_flush_interval",
+        ),
+    ] {
+        let e = first_error(&edit(&text, from, to));
+        assert_eq!(e.path, format!("{F}.{path}"), "{e}");
+    }
+    let e = first_error(&edit(
+        &text,
+        "        access_log_options:\n",
+        "        proxy_access_log: []\n        access_log_options:\n",
+    ));
+    assert_eq!(e.path, format!("{F}.proxy_access_log"));
 }

@@ -50,15 +50,18 @@ pub enum ResponseFlag {
     DownstreamProtocolError,
     /// `DF`: DNS resolution failed.
     DnsResolutionFailed,
+    /// `URX`: a udp_proxy session used all its tunnel attempts (`max_connect_attempts`).
+    UpstreamRetryLimitExceeded,
 }
 
 impl ResponseFlag {
-    const ORDER: [ResponseFlag; 8] = [
+    const ORDER: [ResponseFlag; 9] = [
         ResponseFlag::NoHealthyUpstream,
         ResponseFlag::UpstreamConnectionFailure,
         ResponseFlag::NoRouteFound,
         ResponseFlag::UpstreamConnectionTermination,
         ResponseFlag::DownstreamConnectionTermination,
+        ResponseFlag::UpstreamRetryLimitExceeded,
         ResponseFlag::StreamIdleTimeout,
         ResponseFlag::DownstreamProtocolError,
         ResponseFlag::DnsResolutionFailed,
@@ -74,6 +77,7 @@ impl ResponseFlag {
             ResponseFlag::StreamIdleTimeout => "SI",
             ResponseFlag::DownstreamProtocolError => "DPE",
             ResponseFlag::DnsResolutionFailed => "DF",
+            ResponseFlag::UpstreamRetryLimitExceeded => "URX",
         }
     }
 
@@ -87,6 +91,7 @@ impl ResponseFlag {
             ResponseFlag::StreamIdleTimeout => "StreamIdleTimeout",
             ResponseFlag::DownstreamProtocolError => "DownstreamProtocolError",
             ResponseFlag::DnsResolutionFailed => "DnsResolutionFailed",
+            ResponseFlag::UpstreamRetryLimitExceeded => "UpstreamRetryLimitExceeded",
         }
     }
 
@@ -147,6 +152,29 @@ pub struct RequestRecord {
     /// The tunnel's own datagram and byte totals, once it is open.
     pub tunnel: Option<Arc<TunnelCounters>>,
     pub ended: Option<Instant>,
+    /// A udp_proxy session's own fields (a session record, not an HTTP request).
+    pub udp: Option<Box<UdpSessionLog>>,
+}
+
+/// What a udp_proxy session's access log line shows beyond the common fields (Envoy's
+/// `udp.proxy.session` dynamic metadata, filter state and log type).
+#[derive(Debug, Clone, Default)]
+pub struct UdpSessionLog {
+    /// `UdpSessionEnd`, `UdpTunnelUpstreamConnected` or `UdpPeriodic`.
+    pub log_type: &'static str,
+    pub cluster: String,
+    /// From the downstream peer (all its datagrams, buffered or dropped included).
+    pub datagrams_received: u64,
+    pub bytes_received: u64,
+    /// To the downstream peer.
+    pub datagrams_sent: u64,
+    pub bytes_sent: u64,
+    /// Failed sends to the downstream peer.
+    pub errors_sent: u64,
+    /// Tunnel attempts made.
+    pub attempts: u32,
+    /// The last attempt's response (`propagate_response_headers`): status and headers.
+    pub response_headers: Option<(u16, HeaderMap)>,
 }
 
 impl RequestRecord {
@@ -225,6 +253,47 @@ impl RequestRecord {
             target: None,
             tunnel: None,
             ended: None,
+            udp: None,
+        }
+    }
+
+    /// A record for a udp_proxy session from `peer` to the listener at `local`.
+    pub fn udp_session(
+        start_time: SystemTime,
+        started: Instant,
+        id: u64,
+        peer: SocketAddr,
+        local: SocketAddr,
+        udp: UdpSessionLog,
+    ) -> Self {
+        RequestRecord {
+            start_time,
+            started,
+            protocol: "",
+            downstream_remote: Some(peer),
+            downstream_local: Some(local),
+            connection_id: id,
+            requested_server_name: None,
+            method: String::new(),
+            connect_protocol: None,
+            path: None,
+            authority: None,
+            scheme: None,
+            request_headers: HeaderMap::new(),
+            response_code: 0,
+            response_headers: HeaderMap::new(),
+            responded: None,
+            flags: 0,
+            details: None,
+            termination: None,
+            route_name: None,
+            upstream_cluster: None,
+            upstream_host: None,
+            upstream_local: None,
+            target: None,
+            tunnel: None,
+            ended: None,
+            udp: Some(Box::new(udp)),
         }
     }
 
@@ -478,6 +547,33 @@ fn metadata(r: &RequestRecord) -> Option<serde_json::Map<String, serde_json::Val
     Some(m)
 }
 
+/// Envoy's `udp.proxy.session` dynamic metadata of a udp_proxy session.
+fn udp_metadata(r: &RequestRecord) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let u = r.udp.as_deref()?;
+    let mut m = serde_json::Map::new();
+    m.insert("cluster_name".into(), u.cluster.clone().into());
+    m.insert("bytes_sent".into(), u.bytes_sent.into());
+    m.insert("bytes_received".into(), u.bytes_received.into());
+    m.insert("errors_sent".into(), u.errors_sent.into());
+    m.insert("datagrams_sent".into(), u.datagrams_sent.into());
+    m.insert("datagrams_received".into(), u.datagrams_received.into());
+    Some(m)
+}
+
+/// Envoy's `envoy.udp_proxy.propagate_response_headers` filter state, as its typed JSON
+/// (an `envoy.config.core.v3.HeaderMap`, `:status` first).
+fn response_headers_state(r: &RequestRecord) -> Option<serde_json::Value> {
+    let (status, headers) = r.udp.as_deref()?.response_headers.as_ref()?;
+    let mut list = vec![serde_json::json!({"key": ":status", "value": status.to_string()})];
+    for (k, v) in headers {
+        list.push(serde_json::json!({
+            "key": k.as_str(),
+            "value": String::from_utf8_lossy(v.as_bytes()),
+        }));
+    }
+    Some(serde_json::json!({ "headers": list }))
+}
+
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -510,8 +606,15 @@ fn evaluate(op: &Operator, r: &RequestRecord) -> Val {
         Operator::ConnectionTerminationDetails => text(r.termination.map(str::to_owned)),
         Operator::Duration => Val::Num(ms(r.duration())),
         Operator::ResponseDuration => r.setup_time().map_or(Val::None, |d| Val::Num(ms(d))),
-        Operator::BytesReceived => Val::Num(r.counter(|t| &t.rx_bytes)),
-        Operator::BytesSent => Val::Num(r.counter(|t| &t.tx_bytes)),
+        Operator::BytesReceived => match r.udp.as_deref() {
+            Some(u) => Val::Num(u.bytes_received),
+            None => Val::Num(r.counter(|t| &t.rx_bytes)),
+        },
+        Operator::BytesSent => match r.udp.as_deref() {
+            Some(u) => Val::Num(u.bytes_sent),
+            None => Val::Num(r.counter(|t| &t.tx_bytes)),
+        },
+        Operator::Protocol if r.protocol.is_empty() => Val::None,
         Operator::Protocol => Val::Text(r.protocol.into()),
         Operator::DownstreamRemoteAddress => addr(r.downstream_remote),
         Operator::DownstreamRemoteAddressWithoutPort => {
@@ -534,8 +637,29 @@ fn evaluate(op: &Operator, r: &RequestRecord) -> Val {
         Operator::RequestedServerName => text(r.requested_server_name.clone()),
         Operator::ConnectionId => Val::Num(r.connection_id),
         Operator::Hostname => Val::Text(hostname().to_owned()),
-        Operator::DynamicMetadata { path, .. } => {
-            let Some(m) = metadata(r) else {
+        Operator::FilterState { key, .. } => {
+            if key != ferry_config::format::UDP_FILTER_STATE_KEYS[0] {
+                return Val::None;
+            }
+            response_headers_state(r).map_or(Val::None, Val::Json)
+        }
+        Operator::UpstreamRequestAttemptCount => r
+            .udp
+            .as_deref()
+            .map_or(Val::None, |u| Val::Num(u64::from(u.attempts))),
+        Operator::AccessLogType => Val::Text(
+            r.udp
+                .as_deref()
+                .map_or("DownstreamEnd", |u| u.log_type)
+                .to_owned(),
+        ),
+        Operator::DynamicMetadata { namespace, path } => {
+            let m = if namespace == ferry_config::format::UDP_SESSION_METADATA_NAMESPACE {
+                udp_metadata(r)
+            } else {
+                metadata(r)
+            };
+            let Some(m) = m else {
                 return Val::None;
             };
             match path.first() {
@@ -978,6 +1102,7 @@ mod tests {
             target: None,
             tunnel: None,
             ended: None,
+            udp: None,
         }
     }
 

@@ -207,7 +207,24 @@ fn hcm(h: &HttpConnectionManager) -> Value {
 
 /// A udp_proxy listener's `listener_filters[0]`.
 fn udp_proxy(u: &ferry_config::UdpProxy) -> Value {
-    let t = &u.tunneling;
+    let Some(t) = &u.tunneling else {
+        return json!({
+            "name": "envoy.filters.udp_listener.udp_proxy",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.UdpProxyConfig",
+                "stat_prefix": u.stat_prefix,
+                "matcher": {"on_no_match": {"action": {
+                    "name": "route",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.Route",
+                        "cluster": u.cluster,
+                    },
+                }}},
+                "idle_timeout": duration(u.idle_timeout),
+                "access_log": u.access_log.iter().map(access_log).collect::<Vec<_>>(),
+            },
+        });
+    };
     let mut tunneling = json!({
         "proxy_host": t.proxy_host,
         "target_host": t.target_host,
@@ -221,6 +238,9 @@ fn udp_proxy(u: &ferry_config::UdpProxy) -> Value {
         if let Some(p) = t.proxy_port {
             m.insert("proxy_port".into(), json!(p));
         }
+        if t.propagate_response_headers {
+            m.insert("propagate_response_headers".into(), json!(true));
+        }
         if let Some(b) = t.buffer {
             m.insert(
                 "buffer_options".into(),
@@ -231,9 +251,18 @@ fn udp_proxy(u: &ferry_config::UdpProxy) -> Value {
             );
         }
     }
+    let mut options = serde_json::Map::new();
+    if u.flush_access_log_on_tunnel_connected {
+        options.insert("flush_access_log_on_tunnel_connected".into(), json!(true));
+    }
+    if let Some(i) = u.access_log_flush_interval {
+        options.insert("access_log_flush_interval".into(), json!(duration(i)));
+    }
     json!({
         "name": "envoy.filters.udp_listener.udp_proxy",
         "typed_config": {
+            "access_log": u.access_log.iter().map(access_log).collect::<Vec<_>>(),
+            "access_log_options": options,
             "@type": "type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.UdpProxyConfig",
             "stat_prefix": u.stat_prefix,
             "matcher": {"on_no_match": {"action": {

@@ -35,6 +35,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, Mutex};
 use tokio::task::JoinSet;
 
+use crate::accesslog::{AccessLogs, RequestRecord, ResponseFlag, UdpSessionLog};
 use crate::client::{ClientOptions, ClientTunnel, H3Client, Received};
 use crate::cluster::ClusterManager;
 use crate::stats::{Counter, Encoding, Gauge, GaugeGuard, Store};
@@ -66,6 +67,23 @@ pub struct SessionSettings {
     pub max_connect_attempts: u32,
 }
 
+/// The udp_proxy's session access log (`access_log`, `access_log_options`) and what its
+/// lines need.
+#[derive(Clone, Default)]
+pub struct SessionLogging {
+    pub logs: AccessLogs,
+    /// `flush_access_log_on_tunnel_connected`.
+    pub on_tunnel_connected: bool,
+    /// `access_log_flush_interval`.
+    pub flush_interval: Option<Duration>,
+    /// `propagate_response_headers`: keep the proxy's response headers for the log.
+    pub propagate_response_headers: bool,
+    /// The listener's address (`%DOWNSTREAM_LOCAL_ADDRESS%`).
+    pub local: Option<SocketAddr>,
+    /// The cluster (`udp.proxy.session:cluster_name`).
+    pub cluster: String,
+}
+
 /// Envoy's udp_proxy stats (`udp.<stat_prefix>.*`, `cluster.<cluster>.udp.*`) and Ferry's
 /// additions.
 #[derive(Debug, Clone)]
@@ -81,6 +99,8 @@ pub struct SessionStats {
     pub sess_tx_datagrams: Counter,
     pub sess_rx_datagrams: Counter,
     pub sess_tx_errors: Counter,
+    /// Plain UDP: receive errors on a session's upstream socket (ICMP errors).
+    pub sess_rx_errors: Counter,
     pub sess_tunnel_success: Counter,
     pub sess_tunnel_failure: Counter,
     pub sess_tunnel_buffer_overflow: Counter,
@@ -106,6 +126,7 @@ impl SessionStats {
             sess_tx_datagrams: c("sess_tx_datagrams"),
             sess_rx_datagrams: c("sess_rx_datagrams"),
             sess_tx_errors: c("sess_tx_errors"),
+            sess_rx_errors: c("sess_rx_errors"),
             sess_tunnel_success: c("sess_tunnel_success"),
             sess_tunnel_failure: c("sess_tunnel_failure"),
             sess_tunnel_buffer_overflow: c("sess_tunnel_buffer_overflow"),
@@ -128,6 +149,12 @@ pub enum Upstream {
         proxy: SocketAddr,
         authority: String,
         pool: Box<crate::upstream_tcp::TcpPool>,
+    },
+    /// The udp_proxy listener without `tunneling_config`: plain UDP to a host of
+    /// `cluster` (round robin), one connected socket per session.
+    PlainUdp {
+        clusters: Arc<ArcSwap<ClusterManager>>,
+        cluster: String,
     },
     /// The udp_proxy listener: a host of `cluster` (round robin), on the cluster's pooled
     /// HTTP/3 or HTTP/2 connections (HTTP/1.1: one per tunnel); `authority` is
@@ -152,6 +179,8 @@ pub struct Tunneling {
     pub stats: SessionStats,
     /// Print one line per tunnel on stdout (`ferry client`).
     pub print: bool,
+    /// Session access log lines (udp_proxy `access_log`; none for `ferry client`).
+    pub logging: SessionLogging,
 }
 
 /// An upstream tunnel as the relay sees it.
@@ -252,6 +281,41 @@ impl<R: StreamRecv, S: StreamSend> UpstreamTunnel for CapsuleTunnel<R, S> {
     }
 }
 
+/// Plain UDP to one host (udp_proxy without `tunneling_config`): a connected socket.
+pub struct PlainUdpTunnel {
+    socket: UdpSocket,
+    buf: Vec<u8>,
+    headers: HeaderMap,
+    rx_errors: Counter,
+}
+
+impl UpstreamTunnel for PlainUdpTunnel {
+    async fn send_udp(&mut self, payload: Bytes) -> Result<Encoding, String> {
+        self.socket
+            .send(&payload)
+            .await
+            .map_err(|e| e.to_string())?;
+        // Not a CONNECT-UDP encoding: counted with the datagram sends.
+        Ok(Encoding::QuicDatagram)
+    }
+
+    async fn recv_udp(&mut self) -> Received {
+        loop {
+            match self.socket.recv(&mut self.buf).await {
+                Ok(n) => {
+                    let data = Bytes::copy_from_slice(self.buf.get(..n).unwrap_or_default());
+                    return Received::Udp(Encoding::QuicDatagram, data);
+                }
+                // An ICMP error for an earlier send (port unreachable, ...): counted, the
+                // session goes on (as in Envoy, `sess_rx_errors`).
+                Err(_) => self.rx_errors.inc(),
+            }
+        }
+    }
+
+    async fn finish(&mut self) {}
+}
+
 /// An HTTP/2 or HTTP/1.1 tunnel's byte stream.
 pub type TcpTunnel = CapsuleTunnel<crate::upstream_tcp::TcpRecv, crate::upstream_tcp::TcpSend>;
 
@@ -259,6 +323,8 @@ pub type TcpTunnel = CapsuleTunnel<crate::upstream_tcp::TcpRecv, crate::upstream
 pub enum Opened {
     /// HTTP/3: datagrams as QUIC DATAGRAM frames where they fit, else capsules.
     H3(Box<ClientTunnel>),
+    /// Plain UDP (no tunnel): always "accepted".
+    Plain(Box<PlainUdpTunnel>),
     /// HTTP/2 or HTTP/1.1: every datagram a DATAGRAM capsule. `status` is the client's
     /// view (an HTTP/1.1 `101` is a `200`); `tunnel` is there when the proxy accepted.
     Tcp {
@@ -272,12 +338,14 @@ impl Opened {
     pub fn status(&self) -> StatusCode {
         match self {
             Opened::H3(t) => t.status,
+            Opened::Plain(_) => StatusCode::OK,
             Opened::Tcp { status, .. } => *status,
         }
     }
     pub fn headers(&self) -> &HeaderMap {
         match self {
             Opened::H3(t) => &t.headers,
+            Opened::Plain(t) => &t.headers,
             Opened::Tcp { headers, .. } => headers,
         }
     }
@@ -366,6 +434,34 @@ impl Tunneling {
                 open_tcp(pool, *proxy, authority, &self.path, &headers).await?,
                 *proxy,
             )),
+            Upstream::PlainUdp { clusters, cluster } => {
+                let clusters = clusters.load_full();
+                let state = clusters
+                    .get(cluster)
+                    .ok_or_else(|| format!("no cluster {cluster}"))?;
+                let addr = state
+                    .pick()
+                    .map_err(|e| format!("cluster {cluster}: no host ({e:?})"))?;
+                let bind: SocketAddr = if addr.is_ipv4() {
+                    (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+                } else {
+                    (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+                };
+                let socket = UdpSocket::bind(bind)
+                    .await
+                    .map_err(|e| format!("upstream socket: {e}"))?;
+                socket
+                    .connect(addr)
+                    .await
+                    .map_err(|e| format!("upstream socket to {addr}: {e}"))?;
+                let tunnel = PlainUdpTunnel {
+                    socket,
+                    buf: vec![0u8; 65536],
+                    headers: HeaderMap::new(),
+                    rx_errors: self.stats.sess_rx_errors.clone(),
+                };
+                Ok((Opened::Plain(Box::new(tunnel)), addr))
+            }
             Upstream::Cluster {
                 clusters,
                 cluster,
@@ -435,6 +531,72 @@ struct SessionShared {
     /// What waits in the queue before that (bounded by `buffer_options`).
     buffered_datagrams: AtomicUsize,
     buffered_bytes: AtomicU64,
+    /// This session's totals, for its access log line: from the peer (all of them) ...
+    rx_datagrams: AtomicU64,
+    rx_bytes: AtomicU64,
+    /// ... and to the peer.
+    tx_datagrams: AtomicU64,
+    tx_bytes: AtomicU64,
+    tx_errors: AtomicU64,
+}
+
+/// What a session's access log line knows besides its counters.
+struct SessionInfo {
+    id: u64,
+    peer: SocketAddr,
+    start_time: std::time::SystemTime,
+    started: std::time::Instant,
+    attempts: u32,
+    /// `UF` after a failed attempt, `URX` once all attempts failed.
+    failed_attempt: bool,
+    exhausted: bool,
+    upstream_host: Option<SocketAddr>,
+    response_headers: Option<(u16, HeaderMap)>,
+    /// Ended by `idle_timeout` (Envoy's flag `SI`).
+    idle_timeout: bool,
+}
+
+impl SessionInfo {
+    /// Queue one access log line of type `log_type` (nothing without `access_log`).
+    fn log(&self, t: &Tunneling, shared: &SessionShared, log_type: &'static str) {
+        let l = &t.logging;
+        if l.logs.is_empty() {
+            return;
+        }
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let udp = UdpSessionLog {
+            log_type,
+            cluster: l.cluster.clone(),
+            datagrams_received: g(&shared.rx_datagrams),
+            bytes_received: g(&shared.rx_bytes),
+            datagrams_sent: g(&shared.tx_datagrams),
+            bytes_sent: g(&shared.tx_bytes),
+            errors_sent: g(&shared.tx_errors),
+            attempts: self.attempts,
+            response_headers: self.response_headers.clone(),
+        };
+        let local = l.local.unwrap_or(self.peer);
+        let mut r = RequestRecord::udp_session(
+            self.start_time,
+            self.started,
+            self.id,
+            self.peer,
+            local,
+            udp,
+        );
+        r.upstream_host = self.upstream_host;
+        if self.failed_attempt {
+            r.set_flag(ResponseFlag::UpstreamConnectionFailure);
+        }
+        if self.exhausted {
+            r.set_flag(ResponseFlag::UpstreamRetryLimitExceeded);
+        }
+        if self.idle_timeout {
+            r.set_flag(ResponseFlag::StreamIdleTimeout);
+        }
+        r.ended = Some(std::time::Instant::now());
+        l.logs.log(&r);
+    }
 }
 
 /// How long `ferry client` waits for a TCP+TLS connection to the proxy.
@@ -491,6 +653,7 @@ pub async fn run(socket: UdpSocket, config: EncapConfig) -> Result<(), String> {
         },
         stats: SessionStats::new(&store, "client", "proxy"),
         print: true,
+        logging: SessionLogging::default(),
     });
     serve(Arc::new(socket), tunneling, std::future::pending()).await
 }
@@ -546,11 +709,13 @@ pub async fn serve(
                     let s = shared.clone();
                     let sock = socket.clone();
                     tasks.spawn(async move {
-                        session(peer, rx, sock, t, s).await;
+                        session(id, peer, rx, sock, t, s).await;
                         (peer, id)
                     });
                     SessionHandle { id, tx, shared }
                 });
+                session.shared.rx_datagrams.fetch_add(1, Ordering::Relaxed);
+                session.shared.rx_bytes.fetch_add(n as u64, Ordering::Relaxed);
                 if !admit(session, &tunneling.settings, n) || session.tx.try_send(data).is_err() {
                     stats.sess_tunnel_buffer_overflow.inc();
                 }
@@ -581,10 +746,22 @@ fn admit(session: &SessionHandle, settings: &SessionSettings, len: usize) -> boo
 }
 
 /// Open the tunnel, trying up to `max_connect_attempts` times.
-async fn connect(peer: SocketAddr, t: &Tunneling) -> Option<(Opened, SocketAddr)> {
+async fn connect(
+    peer: SocketAddr,
+    t: &Tunneling,
+    info: &mut SessionInfo,
+) -> Option<(Opened, SocketAddr)> {
     let attempts = t.settings.max_connect_attempts.max(1);
     for attempt in 1..=attempts {
-        let why = match t.open().await {
+        info.attempts = attempt;
+        let result = t.open().await;
+        if let Ok((o, addr)) = &result {
+            info.upstream_host = Some(*addr);
+            if t.logging.propagate_response_headers {
+                info.response_headers = Some((o.status().as_u16(), o.headers().clone()));
+            }
+        }
+        let why = match result {
             Ok((o, addr)) if o.status().is_success() => return Some((o, addr)),
             Ok((o, addr)) => {
                 let ps = o
@@ -596,15 +773,18 @@ async fn connect(peer: SocketAddr, t: &Tunneling) -> Option<(Opened, SocketAddr)
             }
             Err(e) => format!("failed: {e}"),
         };
+        info.failed_attempt = true;
         tracing::debug!(%peer, attempt, attempts, "tunnel attempt {why}");
         if t.print {
             println!("tunnel {peer} -> {}: {why}", t.target);
         }
     }
+    info.exhausted = true;
     None
 }
 
 async fn session(
+    id: u64,
     peer: SocketAddr,
     mut from_peer: mpsc::Receiver<Bytes>,
     socket: Arc<UdpSocket>,
@@ -614,11 +794,32 @@ async fn session(
     let stats = &t.stats;
     stats.downstream_sess_total.inc();
     let _active = GaugeGuard::new(&stats.downstream_sess_active);
-    let Some((opened, via)) = connect(peer, &t).await else {
-        stats.sess_tunnel_failure.inc();
+    let mut info = SessionInfo {
+        id,
+        peer,
+        start_time: std::time::SystemTime::now(),
+        started: std::time::Instant::now(),
+        attempts: 0,
+        failed_attempt: false,
+        exhausted: false,
+        upstream_host: None,
+        response_headers: None,
+        idle_timeout: false,
+    };
+    let Some((opened, via)) = connect(peer, &t, &mut info).await else {
+        if !matches!(t.upstream, Upstream::PlainUdp { .. }) {
+            stats.sess_tunnel_failure.inc();
+        }
+        info.log(&t, &shared, "UdpSessionEnd");
         return;
     };
-    stats.sess_tunnel_success.inc();
+    let plain = matches!(opened, Opened::Plain(_));
+    if plain {
+        // As in Envoy: a plain session makes no tunnel attempts.
+        info.attempts = 0;
+    } else {
+        stats.sess_tunnel_success.inc();
+    }
     if t.print {
         println!(
             "tunnel {peer} -> {} via {via}: {}",
@@ -627,34 +828,70 @@ async fn session(
         );
     }
     shared.up.store(true, Ordering::Release);
-    let summary = match opened {
-        Opened::H3(tunnel) => relay(peer, *tunnel, &mut from_peer, &socket, &t).await,
+    if t.logging.on_tunnel_connected && !plain {
+        info.log(&t, &shared, "UdpTunnelUpstreamConnected");
+    }
+    let ctx = Relay {
+        peer,
+        socket: &socket,
+        t: &t,
+        shared: &shared,
+        info: &info,
+    };
+    let (why, summary) = match opened {
+        Opened::H3(tunnel) => relay(&ctx, *tunnel, &mut from_peer).await,
+        Opened::Plain(tunnel) => relay(&ctx, *tunnel, &mut from_peer).await,
         Opened::Tcp {
             tunnel: Some(tunnel),
             ..
-        } => relay(peer, *tunnel, &mut from_peer, &socket, &t).await,
-        Opened::Tcp { tunnel: None, .. } => "no tunnel".to_string(),
+        } => relay(&ctx, *tunnel, &mut from_peer).await,
+        Opened::Tcp { tunnel: None, .. } => ("no tunnel", "no tunnel".to_string()),
     };
+    // Envoy flags `SI` on tunnelled sessions only.
+    info.idle_timeout = why == IDLE && !plain;
     tracing::debug!(%peer, "{summary}");
     if t.print {
         println!("tunnel {peer} closed ({summary})");
     }
+    info.log(&t, &shared, "UdpSessionEnd");
+}
+
+/// How a relay ends when the session was idle for `idle_timeout`.
+const IDLE: &str = "idle";
+
+/// What the relay of one session needs.
+struct Relay<'a> {
+    peer: SocketAddr,
+    socket: &'a UdpSocket,
+    t: &'a Tunneling,
+    shared: &'a SessionShared,
+    info: &'a SessionInfo,
 }
 
 /// Relay until the tunnel ends or the session is idle; returns a one-line summary.
 async fn relay(
-    peer: SocketAddr,
+    ctx: &Relay<'_>,
     mut tunnel: impl UpstreamTunnel,
     from_peer: &mut mpsc::Receiver<Bytes>,
-    socket: &UdpSocket,
-    t: &Tunneling,
-) -> String {
+) -> (&'static str, String) {
+    let (peer, socket, t, shared) = (ctx.peer, ctx.socket, ctx.t, ctx.shared);
     let stats = &t.stats;
     let (mut sent, mut received, mut dropped) = (0u64, 0u64, 0u64);
     let idle = tokio::time::sleep(t.settings.idle_timeout);
     tokio::pin!(idle);
+    // `access_log_flush_interval`: a line this often while the tunnel is up.
+    let flush_every = t
+        .logging
+        .flush_interval
+        .filter(|_| !t.logging.logs.is_empty());
+    let mut flush = tokio::time::interval(flush_every.unwrap_or(Duration::from_secs(3600)));
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    flush.reset();
     let why = loop {
         tokio::select! {
+            _ = flush.tick(), if flush_every.is_some() => {
+                ctx.info.log(t, shared, "UdpPeriodic");
+            }
             d = from_peer.recv() => match d {
                 Some(d) => {
                     idle.as_mut().reset(tokio::time::Instant::now() + t.settings.idle_timeout);
@@ -683,10 +920,13 @@ async fn relay(
                             received += 1;
                             stats.downstream_sess_tx_datagrams.inc();
                             stats.downstream_sess_tx_bytes.add(payload.len() as u64);
+                            shared.tx_datagrams.fetch_add(1, Ordering::Relaxed);
+                            shared.tx_bytes.fetch_add(payload.len() as u64, Ordering::Relaxed);
                         }
                         Err(_) => {
                             dropped += 1;
                             stats.downstream_sess_tx_errors.inc();
+                            shared.tx_errors.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                 }
@@ -695,14 +935,15 @@ async fn relay(
             },
             _ = &mut idle => {
                 stats.idle_timeout.inc();
-                break "idle";
+                break IDLE;
             }
         }
     };
     tunnel.finish().await;
-    format!(
+    let summary = format!(
         "{why}: {sent} datagrams sent, {received} received, {dropped} dropped; listener totals: {} dropped (buffer full), {} dropped (send failed)",
         stats.sess_tunnel_buffer_overflow.get(),
         stats.sess_tx_errors.get(),
-    )
+    );
+    (why, summary)
 }

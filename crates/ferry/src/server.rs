@@ -193,8 +193,13 @@ impl Server {
         let mut udp_proxy = Vec::new();
         for l in &bootstrap.listeners {
             if let Some(config) = &l.udp_proxy {
-                let listener =
-                    crate::udpproxy::UdpProxyListener::bind(l, config, clusters.clone(), &stats)?;
+                let listener = crate::udpproxy::UdpProxyListener::bind(
+                    l,
+                    config,
+                    clusters.clone(),
+                    &stats,
+                    &destinations,
+                )?;
                 bound.push(BoundListener {
                     name: l.name.clone(),
                     local_addr: listener.local_addr,

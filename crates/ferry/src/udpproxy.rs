@@ -1,6 +1,7 @@
-//! The udp_proxy listener (`envoy.filters.udp_listener.udp_proxy` with `tunneling_config`):
+//! The udp_proxy listener (`envoy.filters.udp_listener.udp_proxy`). With `tunneling_config`:
 //! raw UDP in, one CONNECT-UDP tunnel per downstream session out, on the cluster's pooled
-//! HTTP/3 connections. The sessions themselves are `encap.rs`, shared with `ferry client`.
+//! connections; without it (Envoy's default): plain UDP to a host of the cluster, one
+//! socket per session. The sessions themselves are `encap.rs`, shared with `ferry client`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,8 +11,9 @@ use ferry_config::{Listener, UdpProxy};
 use ferry_proto::template::UriTemplate;
 use tokio::net::UdpSocket;
 
+use crate::accesslog::{AccessLogs, Destinations};
 use crate::cluster::ClusterManager;
-use crate::encap::{SessionSettings, SessionStats, Tunneling, Upstream};
+use crate::encap::{SessionLogging, SessionSettings, SessionStats, Tunneling, Upstream};
 use crate::shutdown::Waiter;
 use crate::stats::Store;
 
@@ -41,6 +43,7 @@ impl UdpProxyListener {
         config: &UdpProxy,
         clusters: Arc<ArcSwap<ClusterManager>>,
         store: &Store,
+        destinations: &Destinations,
     ) -> Result<Self, String> {
         let std_socket = crate::quic::bind_socket(listener.address).map_err(|e| {
             format!(
@@ -56,24 +59,62 @@ impl UdpProxyListener {
         let local_addr = socket
             .local_addr()
             .map_err(|e| format!("listener {}: {e}", listener.name))?;
-        let t = &config.tunneling;
-        let tunneling = Tunneling {
-            upstream: Upstream::Cluster {
-                clusters,
-                cluster: config.cluster.clone(),
-                authority: authority(&t.proxy_host, t.proxy_port),
+        let logs = AccessLogs::open(&config.access_log, destinations)
+            .map_err(|e| format!("listener {}: {e}", listener.name))?;
+        let mut logging = SessionLogging {
+            logs,
+            on_tunnel_connected: config.flush_access_log_on_tunnel_connected,
+            flush_interval: config.access_log_flush_interval,
+            propagate_response_headers: false,
+            local: Some(local_addr),
+            cluster: config.cluster.clone(),
+        };
+        let stats = SessionStats::new(store, &config.stat_prefix, &config.cluster);
+        let tunneling = match &config.tunneling {
+            Some(t) => {
+                logging.propagate_response_headers = t.propagate_response_headers;
+                Tunneling {
+                    upstream: Upstream::Cluster {
+                        clusters,
+                        cluster: config.cluster.clone(),
+                        authority: authority(&t.proxy_host, t.proxy_port),
+                    },
+                    path: UriTemplate::default_template()
+                        .expand_path(&t.target_host, t.default_target_port),
+                    headers: t.headers_to_add.clone(),
+                    target: format!("{}:{}", t.target_host, t.default_target_port),
+                    settings: SessionSettings {
+                        idle_timeout: config.idle_timeout,
+                        buffer: t.buffer,
+                        max_connect_attempts: t.max_connect_attempts,
+                    },
+                    stats,
+                    print: false,
+                    logging,
+                }
+            }
+            // Plain UDP: the session's socket is there at once, so nothing is lost while
+            // it opens (a session queue of 1,024 datagrams, as for a tunnel that is up).
+            None => Tunneling {
+                upstream: Upstream::PlainUdp {
+                    clusters,
+                    cluster: config.cluster.clone(),
+                },
+                path: String::new(),
+                headers: Vec::new(),
+                target: config.cluster.clone(),
+                settings: SessionSettings {
+                    idle_timeout: config.idle_timeout,
+                    buffer: Some(ferry_config::BufferOptions {
+                        max_buffered_datagrams: 1024,
+                        max_buffered_bytes: 16 << 20,
+                    }),
+                    max_connect_attempts: 1,
+                },
+                stats,
+                print: false,
+                logging,
             },
-            path: UriTemplate::default_template()
-                .expand_path(&t.target_host, t.default_target_port),
-            headers: t.headers_to_add.clone(),
-            target: format!("{}:{}", t.target_host, t.default_target_port),
-            settings: SessionSettings {
-                idle_timeout: config.idle_timeout,
-                buffer: t.buffer,
-                max_connect_attempts: t.max_connect_attempts,
-            },
-            stats: SessionStats::new(store, &config.stat_prefix, &config.cluster),
-            print: false,
         };
         Ok(UdpProxyListener {
             local_addr,

@@ -378,3 +378,235 @@ async fn drain(app: &UdpSocket) -> u64 {
     }
     n
 }
+
+/// `access_log` lines at the UdpProxyConfig level (after `tunneling_config`, 8 spaces),
+/// to `path`, in `format`, with `options` (`access_log_options` lines, 10 spaces).
+fn session_log(path: &std::path::Path, format: &str, options: &str) -> String {
+    let mut s = format!(
+        "        access_log:\n        - name: envoy.access_loggers.file\n          typed_config:\n            \"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog\n            path: {}\n            log_format:\n              text_format_source:\n                inline_string: \"{format}\\n\"\n",
+        path.display()
+    );
+    if !options.is_empty() {
+        s.push_str("        access_log_options:\n");
+        s.push_str(options);
+    }
+    s
+}
+
+/// A fresh path in the temp directory for a log file.
+fn temp_log(name: &str) -> std::path::PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    std::env::temp_dir().join(format!("ferry-{}-{nanos}-{name}", std::process::id()))
+}
+
+/// The log file's lines, once one contains `needle` (or the deadline passes).
+async fn log_lines_once(path: &std::path::Path, needle: &str) -> Vec<String> {
+    let until = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) || tokio::time::Instant::now() > until {
+            return text.lines().map(str::to_owned).collect();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+const SESSION_FORMAT: &str = "%ACCESS_LOG_TYPE% %DOWNSTREAM_REMOTE_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% %UPSTREAM_HOST% %BYTES_RECEIVED% %BYTES_SENT% %DYNAMIC_METADATA(udp.proxy.session:cluster_name)% %DYNAMIC_METADATA(udp.proxy.session:datagrams_received)% %DYNAMIC_METADATA(udp.proxy.session:datagrams_sent)% %DYNAMIC_METADATA(udp.proxy.session:errors_sent)% %UPSTREAM_REQUEST_ATTEMPT_COUNT% %RESPONSE_FLAGS% %PROTOCOL% %FILTER_STATE(envoy.udp_proxy.propagate_response_headers:TYPED)%";
+
+/// The session access log: one line when the tunnel is up
+/// (`flush_access_log_on_tunnel_connected`), lines every `access_log_flush_interval`, and
+/// one at the session's end with Envoy's `udp.proxy.session` fields and the proxy's
+/// response headers (`propagate_response_headers`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_access_log_lines() {
+    let (terminator, _target) = start_default().await;
+    let path = temp_log("sessions.log");
+    let extra = format!(
+        "{BUFFERED}          propagate_response_headers: true\n{}",
+        session_log(
+            &path,
+            SESSION_FORMAT,
+            "          flush_access_log_on_tunnel_connected: true\n          access_log_flush_interval: 0.2s\n"
+        )
+    );
+    let mut s = spec(&terminator, &extra);
+    s.idle_timeout = "1s";
+    let proxy = udp_proxy(&s).await;
+    let a = app().await;
+    a.send_to(b"hello", proxy.addr).await.unwrap();
+    a.send_to(b"hello", proxy.addr).await.unwrap();
+    assert_eq!(recv(&a).await, b"hello");
+    assert_eq!(recv(&a).await, b"hello");
+    let lines = log_lines_once(&path, "UdpSessionEnd").await;
+    let peer = a.local_addr().unwrap();
+    let first = &lines[0];
+    assert!(
+        first.starts_with(&format!(
+            "UdpTunnelUpstreamConnected {peer} {} {} ",
+            proxy.addr, terminator.addr
+        )),
+        "{lines:#?}"
+    );
+    assert!(
+        lines.iter().any(|l| l.starts_with("UdpPeriodic ")),
+        "{lines:#?}"
+    );
+    let last = lines.last().unwrap();
+    let want = format!(
+        "UdpSessionEnd {peer} {} {} 10 10 proxy 2 2 0 1 SI - ",
+        proxy.addr, terminator.addr
+    );
+    assert!(last.starts_with(&want), "{last}\nwant {want}");
+    let state: serde_json::Value = serde_json::from_str(&last[want.len()..]).unwrap();
+    let headers = state["headers"].as_array().unwrap();
+    assert_eq!(
+        headers[0],
+        serde_json::json!({"key": ":status", "value": "200"})
+    );
+    assert!(
+        headers
+            .iter()
+            .any(|h| h == &serde_json::json!({"key": "capsule-protocol", "value": "?1"})),
+        "{state}"
+    );
+    assert_eq!(proxy.stat("access_log.lines_dropped"), 0);
+}
+
+/// A session whose tunnel is refused is logged with Envoy's flags `UF,URX` (all attempts
+/// failed), the attempt count and the refusal's headers; a session that needed a second
+/// attempt with `UF` and 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_and_retried_sessions_are_logged_with_flags() {
+    let target = EchoTarget::start().await;
+    let cert = test_cert();
+    let yaml = bootstrap_yaml(
+        &cert,
+        target.addr,
+        &BootstrapSpec {
+            domains: vec!["other.example".into()],
+            ..Default::default()
+        },
+    );
+    let refusing = Proxy::start(&yaml, cert).await;
+    let path = temp_log("refused.log");
+    let format = "%UPSTREAM_REQUEST_ATTEMPT_COUNT% %RESPONSE_FLAGS% %FILTER_STATE(envoy.udp_proxy.propagate_response_headers)%";
+    let extra = format!(
+        "{BUFFERED}          propagate_response_headers: true\n{}",
+        session_log(&path, format, "")
+    );
+    let proxy = udp_proxy(&spec(&refusing, &extra)).await;
+    let a = app().await;
+    a.send_to(b"x", proxy.addr).await.unwrap();
+    let lines = log_lines_once(&path, "UF").await;
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(lines[0].starts_with("1 UF,URX {"), "{}", lines[0]);
+    assert!(
+        lines[0].contains(r#"{"key":":status","value":"404"}"#),
+        "{}",
+        lines[0]
+    );
+
+    // First host does not answer, the second opens the tunnel.
+    let (terminator, _target) = start_default().await;
+    let hole = black_hole();
+    let path = temp_log("retried.log");
+    let extra = format!(
+        "{BUFFERED}          retry_options: {{ max_connect_attempts: 2 }}\n{}",
+        session_log(
+            &path,
+            "%UPSTREAM_REQUEST_ATTEMPT_COUNT% %RESPONSE_FLAGS% %UPSTREAM_HOST%",
+            ""
+        )
+    );
+    let proxy = udp_proxy(&Spec {
+        proxies: vec![hole.local_addr().unwrap(), terminator.addr],
+        ca_pem: &terminator.cert.cert_pem,
+        tunneling_extra: &extra,
+        idle_timeout: "0.5s",
+        connect_timeout: "1s",
+    })
+    .await;
+    a.send_to(b"retry", proxy.addr).await.unwrap();
+    assert_eq!(recv(&a).await, b"retry");
+    let lines = log_lines_once(&path, "UF").await;
+    assert_eq!(lines, vec![format!("2 UF,SI {}", terminator.addr)]);
+}
+
+/// Without `tunneling_config` (Envoy's default udp_proxy): plain UDP to a host of the
+/// cluster, one socket per session, nothing lost while it opens; Envoy's stats and the
+/// session access log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_udp_proxying_without_tunneling_config() {
+    let target = EchoTarget::start().await;
+    let path = temp_log("plain.log");
+    let yaml = format!(
+        r#"admin:
+  address:
+    socket_address: {{ address: 127.0.0.1, port_value: 0 }}
+static_resources:
+  listeners:
+  - name: udp_in
+    address:
+      socket_address: {{ protocol: UDP, address: 127.0.0.1, port_value: 0 }}
+    listener_filters:
+    - name: envoy.filters.udp_listener.udp_proxy
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.UdpProxyConfig
+        stat_prefix: plain
+        idle_timeout: 0.5s
+        matcher:
+          on_no_match:
+            action:
+              name: route
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.Route
+                cluster: service
+{log}  clusters:
+  - name: service
+    type: STATIC
+    load_assignment:
+      cluster_name: service
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{ address: 127.0.0.1, port_value: {port} }}
+"#,
+        log = session_log(
+            &path,
+            "%ACCESS_LOG_TYPE% %UPSTREAM_HOST% %BYTES_RECEIVED% %BYTES_SENT% %RESPONSE_FLAGS%",
+            ""
+        ),
+        port = target.addr.port(),
+    );
+    let proxy = Proxy::start(&yaml, test_cert()).await;
+    let a = app().await;
+    // Three at once: none is lost while the session's socket opens.
+    for i in 0..3u8 {
+        a.send_to(&[b'p', i], proxy.addr).await.unwrap();
+    }
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(recv(&a).await);
+    }
+    got.sort();
+    assert_eq!(got, vec![vec![b'p', 0], vec![b'p', 1], vec![b'p', 2]]);
+    assert_eq!(target.seen().len(), 3);
+    assert_eq!(proxy.stat("udp.plain.downstream_sess_total"), 1);
+    assert_eq!(proxy.stat("udp.plain.downstream_sess_rx_datagrams"), 3);
+    assert_eq!(proxy.stat("udp.plain.downstream_sess_tx_datagrams"), 3);
+    assert_eq!(proxy.stat("cluster.service.udp.sess_tx_datagrams"), 3);
+    assert_eq!(proxy.stat("cluster.service.udp.sess_rx_datagrams"), 3);
+    assert_eq!(proxy.stat("cluster.service.udp.sess_tunnel_success"), 0);
+    assert_eq!(
+        proxy.stat("cluster.service.udp.sess_tunnel_buffer_overflow"),
+        0
+    );
+    let lines = log_lines_once(&path, "UdpSessionEnd").await;
+    assert_eq!(lines, vec![format!("UdpSessionEnd {} 6 6 -", target.addr)]);
+    proxy.wait_stat("udp.plain.idle_timeout", 1).await;
+    assert_eq!(proxy.stat("udp.plain.downstream_sess_active"), 0);
+}

@@ -133,13 +133,14 @@ fn build_udp_proxy(
             (String::new(), p.f("matcher"))
         }
     };
+    let plain = u.tunneling_config.is_none();
     if !cluster.is_empty() {
         if !clusters.defined.contains(cluster.as_str()) {
             ctx.err(
                 &cluster_path,
                 format!("unknown cluster `{cluster}`: no static_resources.clusters[] entry has this name"),
             );
-        } else if !clusters.proxies.contains(&cluster) {
+        } else if !plain && !clusters.proxies.contains(&cluster) {
             ctx.err(
                 &cluster_path,
                 format!("cluster `{cluster}` is not a CONNECT-UDP proxy Ferry can reach: it needs typed_extension_protocol_options with explicit_http_config (http3_protocol_options with a QUIC transport_socket, or http2_protocol_options / http_protocol_options)"),
@@ -176,22 +177,55 @@ fn build_udp_proxy(
     }
 
     let tp = p.f("tunneling_config");
-    let Some(t) = &u.tunneling_config else {
-        ctx.err(&tp, "is required: Ferry's udp_proxy tunnels each session with CONNECT-UDP (plain UDP-to-UDP proxying is not supported by Ferry (yet))");
-        return None;
+    let tunneling = match &u.tunneling_config {
+        Some(t) => {
+            if !capsule && u.session_filters.is_empty() {
+                ctx.err(
+                    &sp,
+                    format!("a `{HTTP_CAPSULE_NAME}` session filter is required with tunneling_config (as in Envoy: it makes the tunnel carry DATAGRAM capsules)"),
+                );
+            }
+            Some(build_tunneling(ctx, &tp, t))
+        }
+        None => {
+            if capsule {
+                ctx.err(
+                    &sp,
+                    format!("the `{HTTP_CAPSULE_NAME}` session filter needs tunneling_config: without it the udp_proxy relays plain UDP, and Ferry does not wrap plain UDP in capsules"),
+                );
+            }
+            None
+        }
     };
-    if !capsule && u.session_filters.is_empty() {
-        ctx.err(
-            &sp,
-            format!("a `{HTTP_CAPSULE_NAME}` session filter is required with tunneling_config (as in Envoy: it makes the tunnel carry DATAGRAM capsules)"),
-        );
-    }
-    let tunneling = build_tunneling(ctx, &tp, t);
+    let access_log = super::accesslog::build_access_logs(ctx, &p.f("access_log"), &u.access_log);
+    let op = p.f("access_log_options");
+    let (flush_access_log_on_tunnel_connected, access_log_flush_interval) =
+        match &u.access_log_options {
+            Some(o) => {
+                ctx.unsupported(&op, o.unsupported_fields());
+                let ip = op.f("access_log_flush_interval");
+                let interval = o.access_log_flush_interval.as_ref().map(|d| {
+                    let v = ctx.duration(&ip, Some(d), Duration::ZERO);
+                    if v < Duration::from_millis(1) {
+                        ctx.err(&ip, "must be at least 1ms (as in Envoy)");
+                    }
+                    v.max(Duration::from_millis(1))
+                });
+                (
+                    o.flush_access_log_on_tunnel_connected.unwrap_or(false),
+                    interval,
+                )
+            }
+            None => (false, None),
+        };
     Some(model::UdpProxy {
         stat_prefix,
         cluster,
         idle_timeout,
         tunneling,
+        access_log,
+        flush_access_log_on_tunnel_connected,
+        access_log_flush_interval,
     })
 }
 
@@ -352,7 +386,15 @@ fn build_tunneling(ctx: &mut Ctx, p: &P, t: &raw::UdpTunnelingConfig) -> model::
         }
     });
 
+    if t.propagate_response_trailers == Some(true) {
+        ctx.err(
+            &p.f("propagate_response_trailers"),
+            "Envoy field not supported by Ferry (yet): the HTTP/2 and HTTP/3 client libraries Ferry uses do not hand over trailers that end a tunnel's stream",
+        );
+    }
+
     model::UdpTunneling {
+        propagate_response_headers: t.propagate_response_headers.unwrap_or(false),
         proxy_host,
         proxy_port,
         target_host,
