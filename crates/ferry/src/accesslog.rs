@@ -48,12 +48,14 @@ pub enum ResponseFlag {
     StreamIdleTimeout,
     /// `DPE`: a malformed request or capsule from the client.
     DownstreamProtocolError,
+    /// `DT`: the tunnel reached `max_stream_duration`.
+    DurationTimeout,
     /// `DF`: DNS resolution failed.
     DnsResolutionFailed,
 }
 
 impl ResponseFlag {
-    const ORDER: [ResponseFlag; 8] = [
+    const ORDER: [ResponseFlag; 9] = [
         ResponseFlag::NoHealthyUpstream,
         ResponseFlag::UpstreamConnectionFailure,
         ResponseFlag::NoRouteFound,
@@ -61,6 +63,7 @@ impl ResponseFlag {
         ResponseFlag::DownstreamConnectionTermination,
         ResponseFlag::StreamIdleTimeout,
         ResponseFlag::DownstreamProtocolError,
+        ResponseFlag::DurationTimeout,
         ResponseFlag::DnsResolutionFailed,
     ];
 
@@ -73,6 +76,7 @@ impl ResponseFlag {
             ResponseFlag::DownstreamConnectionTermination => "DC",
             ResponseFlag::StreamIdleTimeout => "SI",
             ResponseFlag::DownstreamProtocolError => "DPE",
+            ResponseFlag::DurationTimeout => "DT",
             ResponseFlag::DnsResolutionFailed => "DF",
         }
     }
@@ -86,6 +90,7 @@ impl ResponseFlag {
             ResponseFlag::DownstreamConnectionTermination => "DownstreamConnectionTermination",
             ResponseFlag::StreamIdleTimeout => "StreamIdleTimeout",
             ResponseFlag::DownstreamProtocolError => "DownstreamProtocolError",
+            ResponseFlag::DurationTimeout => "DurationTimeout",
             ResponseFlag::DnsResolutionFailed => "DnsResolutionFailed",
         }
     }
@@ -298,6 +303,7 @@ impl RequestRecord {
                 r.name(),
                 match r {
                     ResetReason::IdleTimeout => Some(ResponseFlag::StreamIdleTimeout),
+                    ResetReason::MaxDuration => Some(ResponseFlag::DurationTimeout),
                     ResetReason::SocketError => Some(ResponseFlag::UpstreamConnectionTermination),
                     ResetReason::MalformedCapsule | ResetReason::CapsuleTooLarge => {
                         Some(ResponseFlag::DownstreamProtocolError)
