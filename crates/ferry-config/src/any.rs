@@ -16,10 +16,9 @@ use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor}
 
 use crate::raw::{
     CaresDnsResolverConfig, DfpClusterConfig, DfpFilterConfig, DownstreamConnectionsConfig,
-    DownstreamTlsContext, FileAccessLog,
-    HttpCapsuleFilterConfig, HttpConnectionManager, HttpProtocolOptions, QuicDownstreamTransport,
-    QuicUpstreamTransport, Router, StreamAccessLog, TypedStruct, UdpProxyConfig, UdpRoute,
-    UpstreamTlsContext,
+    DownstreamTlsContext, FileAccessLog, HttpCapsuleFilterConfig, HttpConnectionManager,
+    HttpProtocolOptions, QuicDownstreamTransport, QuicUpstreamTransport, Router, StreamAccessLog,
+    TypedStruct, UdpProxyConfig, UdpRoute, UpstreamTlsContext,
 };
 
 /// `@type` of the QUIC downstream transport socket.

@@ -30,7 +30,10 @@ fn monitor(max: &str) -> String {
 fn defaults() {
     let b = load_yaml(&terminate_h3()).unwrap();
     assert_eq!(b.max_downstream_connections, None);
-    assert_eq!(b.listeners[0].quic.as_ref().unwrap().max_concurrent_streams, 100);
+    assert_eq!(
+        b.listeners[0].quic.as_ref().unwrap().max_concurrent_streams,
+        100
+    );
     let hcm = &b.listeners[0].filter_chain.hcm;
     assert_eq!(hcm.http2_max_concurrent_streams, 100);
     assert_eq!(hcm.max_stream_duration, None);
@@ -58,7 +61,10 @@ fn overload_manager_errors_name_their_field() {
         "  resource_monitors:\n  - name: envoy.resource_monitors.fixed_heap\n    typed_config:\n      \"@type\": type.googleapis.com/envoy.extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig\n      max_heap_size_bytes: 1000\n",
     );
     let e = single_error(&text);
-    assert_eq!(e.path, "overload_manager.resource_monitors[0].typed_config.@type");
+    assert_eq!(
+        e.path,
+        "overload_manager.resource_monitors[0].typed_config.@type"
+    );
     assert!(e.message.contains("not supported by Ferry"), "{e}");
     // Overload actions are not supported.
     let text = with_overload(&format!("{}  actions: []\n", monitor("5")));
@@ -72,9 +78,8 @@ fn overload_manager_errors_name_their_field() {
     let e = single_error(&text);
     assert_eq!(e.path, "overload_manager.resource_monitors[0].name");
     // Missing the limit.
-    let text = with_overload(
-        &monitor("5").replace("      max_active_downstream_connections: 5\n", ""),
-    );
+    let text =
+        with_overload(&monitor("5").replace("      max_active_downstream_connections: 5\n", ""));
     assert!(errors_of(&text).has_path(
         "overload_manager.resource_monitors[0].typed_config.max_active_downstream_connections"
     ));
@@ -98,7 +103,10 @@ fn quic_max_concurrent_streams() {
         )
     };
     let b = load_yaml(&with("3")).unwrap();
-    assert_eq!(b.listeners[0].quic.as_ref().unwrap().max_concurrent_streams, 3);
+    assert_eq!(
+        b.listeners[0].quic.as_ref().unwrap().max_concurrent_streams,
+        3
+    );
     for bad in ["0", "4294967296", "-2"] {
         let e = single_error(&with(bad));
         assert_eq!(
@@ -128,8 +136,14 @@ fn http2_max_concurrent_streams_and_max_stream_duration() {
             &format!("          stat_prefix: ingress_http\n          {line}\n"),
         )
     };
-    let b = load_yaml(&with("http2_protocol_options: { max_concurrent_streams: 7 }")).unwrap();
-    assert_eq!(b.listeners[0].filter_chain.hcm.http2_max_concurrent_streams, 7);
+    let b = load_yaml(&with(
+        "http2_protocol_options: { max_concurrent_streams: 7 }",
+    ))
+    .unwrap();
+    assert_eq!(
+        b.listeners[0].filter_chain.hcm.http2_max_concurrent_streams,
+        7
+    );
     for bad in ["0", "2147483648"] {
         let e = single_error(&with(&format!(
             "http2_protocol_options: {{ max_concurrent_streams: {bad} }}"
@@ -140,21 +154,29 @@ fn http2_max_concurrent_streams_and_max_stream_duration() {
         );
     }
 
-    let b = load_yaml(&with("common_http_protocol_options: { max_stream_duration: 1.5s }"))
-        .unwrap();
+    let b = load_yaml(&with(
+        "common_http_protocol_options: { max_stream_duration: 1.5s }",
+    ))
+    .unwrap();
     assert_eq!(
         b.listeners[0].filter_chain.hcm.max_stream_duration,
         Some(Duration::from_millis(1500))
     );
-    let b =
-        load_yaml(&with("common_http_protocol_options: { max_stream_duration: 0s }")).unwrap();
+    let b = load_yaml(&with(
+        "common_http_protocol_options: { max_stream_duration: 0s }",
+    ))
+    .unwrap();
     assert_eq!(b.listeners[0].filter_chain.hcm.max_stream_duration, None);
-    let e = single_error(&with("common_http_protocol_options: { max_stream_duration: 5 }"));
+    let e = single_error(&with(
+        "common_http_protocol_options: { max_stream_duration: 5 }",
+    ));
     assert_eq!(
         e.path,
         format!("{HCM}.common_http_protocol_options.max_stream_duration")
     );
-    let e = single_error(&with("common_http_protocol_options: { max_connection_duration: 5s }"));
+    let e = single_error(&with(
+        "common_http_protocol_options: { max_connection_duration: 5s }",
+    ));
     assert_eq!(
         e.path,
         format!("{HCM}.common_http_protocol_options.max_connection_duration")

@@ -402,7 +402,9 @@ async fn respond(
                     quic: None,
                     respond: None,
                 };
-                let end = crate::forward::relay_next_hop(down, tunnel, &stats, max_duration, shutdown).await;
+                let end =
+                    crate::forward::relay_next_hop(down, tunnel, &stats, max_duration, shutdown)
+                        .await;
                 tracing::debug!(%addr, ?end, "forwarded tunnel closed");
                 accesslog::note(|r| r.tunnel_ended(end));
             });
@@ -433,7 +435,10 @@ async fn respond(
             return;
         };
         tracing::debug!(%addr, h1, "tunnel open");
-        let end = tunnel::relay(&mut recv, &mut send, None, &shared, None, timeouts, shutdown).await;
+        let end = tunnel::relay(
+            &mut recv, &mut send, None, &shared, None, timeouts, shutdown,
+        )
+        .await;
         tracing::debug!(%addr, ?end, "tunnel closed");
         accesslog::note(|r| r.tunnel_ended(end));
         tunnel::close(&mut send, end, &stats).await;

@@ -88,7 +88,12 @@ pub(super) fn build_overload_manager(
                 }
             }
             Some(ResourceMonitorConfig::Other(url)) => {
-                type_error(ctx, &p.f("typed_config").f("@type"), url.as_str(), &RESOURCE_MONITOR_SLOT);
+                type_error(
+                    ctx,
+                    &p.f("typed_config").f("@type"),
+                    url.as_str(),
+                    &RESOURCE_MONITOR_SLOT,
+                );
             }
             None => {
                 name_error(ctx, &p.f("name"), name, &RESOURCE_MONITOR_SLOT);
@@ -99,7 +104,11 @@ pub(super) fn build_overload_manager(
 }
 
 /// `udp_listener_config.quic_options.quic_protocol_options.max_concurrent_streams`.
-pub(super) fn quic_max_concurrent_streams(ctx: &mut Ctx, p: &P, q: &raw::QuicProtocolOptions) -> u32 {
+pub(super) fn quic_max_concurrent_streams(
+    ctx: &mut Ctx,
+    p: &P,
+    q: &raw::QuicProtocolOptions,
+) -> u32 {
     let Some(o) = &q.quic_protocol_options else {
         return DEFAULT_H3_MAX_CONCURRENT_STREAMS;
     };
@@ -117,7 +126,11 @@ pub(super) fn quic_max_concurrent_streams(ctx: &mut Ctx, p: &P, q: &raw::QuicPro
 }
 
 /// `http2_protocol_options.max_concurrent_streams`.
-pub(super) fn h2_max_concurrent_streams(ctx: &mut Ctx, p: &P, o: Option<&raw::Http2ProtocolOptions>) -> u32 {
+pub(super) fn h2_max_concurrent_streams(
+    ctx: &mut Ctx,
+    p: &P,
+    o: Option<&raw::Http2ProtocolOptions>,
+) -> u32 {
     uint(
         ctx,
         &p.f("max_concurrent_streams"),
