@@ -397,7 +397,7 @@ async fn terminate(
         Some(&datagrams),
         &shared,
         initial,
-        tunnel::Timeouts::of(&hcm),
+        tunnel::Timeouts::of(hcm),
         shutdown,
     )
     .await;

@@ -21,6 +21,11 @@ pub fn bind_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     Ok(socket.into())
 }
 
+/// Flow-control credit a client connection gets for request-stream bytes Ferry has not
+/// read yet, all streams together (each stream: quinn's 1.25 MB). Without it quinn grants
+/// unlimited connection credit, so a connection could park 100 x 1.25 MB.
+pub const SERVER_CONNECTION_RECEIVE_WINDOW: u32 = 8 << 20;
+
 /// Transport settings for both sides: QUIC DATAGRAM support (this advertises the
 /// `max_datagram_frame_size` transport parameter), buffers, and Envoy's 300 s QUIC idle
 /// timeout.
@@ -67,6 +72,7 @@ pub fn server_endpoint(
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = transport_config();
     transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(max_concurrent_streams));
+    transport.receive_window(quinn::VarInt::from_u32(SERVER_CONNECTION_RECEIVE_WINDOW));
     server.transport_config(Arc::new(transport));
     let socket = bind_socket(addr).map_err(|e| format!("cannot bind {addr}: {e}"))?;
     quinn::Endpoint::new(
