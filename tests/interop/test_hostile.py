@@ -7,13 +7,15 @@ Covered elsewhere (not repeated here): datagrams for streams that do not exist
 (crates/ferry/tests/admin_stats.rs, ``datagrams_dropped_no_such_stream``), capsules that
 never end or declare more than 65,535 bytes (crates/ferry/tests/terminate_h3.rs,
 ``oversized_capsule_is_refused_without_buffering``, ``truncated_capsule_resets_only_its_stream``),
-slow readers on TCP (test_terminate_tcp.py). Per-client and per-listener tunnel limits are
-issue #5; until then the bound is QUIC's: 100 concurrent request streams per connection
-(``test_flood_of_tunnel_requests_is_bounded_per_connection``).
+slow readers on TCP (test_terminate_tcp.py). The configured limits (issue #5:
+``max_concurrent_streams``, the overload manager's global connection limit,
+``max_stream_duration``) are flooded past in the ``limits`` section, with Ferry's RSS
+measured before and after; each is also reached in crates/ferry/tests/limits.rs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import pytest
@@ -38,6 +40,15 @@ def ferry(start_proxy, request) -> ProxyProcess:
 # Ferry only: these tests exercise Ferry's limits (conftest's ``impl`` fixture is
 # parametrized over envoy and ferry; pin it).
 pytestmark = pytest.mark.parametrize("impl", ["ferry"], indirect=True)
+
+
+def rss(proxy: ProxyProcess) -> int:
+    """The proxy's resident set size in bytes (VmRSS)."""
+    with open(f"/proc/{proxy.proc.pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
 
 
 def fd_count(proxy: ProxyProcess) -> int:
@@ -181,6 +192,151 @@ def test_stream_limit_violation_closes_only_that_connection(ferry, udp_target):
                 ferry.counter(TUNNELS_ACTIVE)
             assert ferry.counter(P + "downstream_cx_destroy") >= destroyed + 1
             assert await echo(b, b"after")
+
+    run_async(body(), timeout=60)
+    assert ferry.alive()
+
+
+# --------------------------------------------------------------------------- limits
+
+OVERFLOW = "listener.127.0.0.1_0.downstream_global_cx_overflow"
+RSS_GROWTH_LIMIT = 30 << 20  # generous: the point is "flat", not a figure
+
+
+async def connection_refused(port: int) -> bool:
+    """Try one HTTP/3 connection; True when the proxy refused it (never admitted)."""
+    try:
+        async with MasqueClient.connect("127.0.0.1", port, timeout=5.0) as c:
+            return False if c.terminated is None else True
+    except (ConnectionError, OSError):
+        return True
+
+
+def test_connection_flood_past_the_global_limit(start_proxy, udp_target):
+    """max_active_downstream_connections: 10. Ten clients hold a tunnel each; 200 more
+    connection attempts (20 at a time) are each refused at once and counted in
+    downstream_global_cx_overflow; RSS stays flat; the holders keep their service; once
+    they leave, a new client is admitted."""
+    ferry = start_proxy("limits-h3.yaml.in", MAX_CONNECTIONS=10, MAX_STREAMS=100, MAX_DURATION="0s")
+    port = ferry.listener_port
+
+    async def body():
+        holders = []
+        try:
+            for _ in range(10):
+                cm = MasqueClient.connect("127.0.0.1", port, idle_timeout=30.0)
+                c = await cm.__aenter__()
+                t = await c.tunnel("foo.lyft.com", 80)
+                assert t.status == 200 and await echo(t, b"holder")
+                holders.append((cm, c, t))
+            assert ferry.counter(OVERFLOW) == 0
+            before = rss(ferry)
+            refused = 0
+            for _ in range(10):
+                results = await asyncio.gather(*(connection_refused(port) for _ in range(20)))
+                refused += sum(results)
+            assert refused == 200, f"{200 - refused} connections admitted past the limit"
+            assert await async_wait_until(lambda: ferry.counter(OVERFLOW) == 200, 5.0), ferry.counter(OVERFLOW)
+            after = rss(ferry)
+            print(f"connection flood: RSS {before >> 20} MiB -> {after >> 20} MiB "
+                  f"({(after - before) / (1 << 20):+.1f} MiB) for 200 refused connections")
+            assert after - before < RSS_GROWTH_LIMIT, (before, after)
+            for i, (_, c, t) in enumerate(holders):
+                assert c.terminated is None and await echo(t, b"still-%d" % i)
+        finally:
+            for cm, _, _ in holders:
+                await cm.__aexit__(None, None, None)
+        # The holders are gone: connections are admitted again (once Ferry has seen them close).
+        async def admitted() -> bool:
+            try:
+                async with MasqueClient.connect("127.0.0.1", port, timeout=2.0) as c:
+                    t = await c.tunnel("foo.lyft.com", 80)
+                    return t.status == 200 and await echo(t, b"admitted")
+            except (ConnectionError, OSError):
+                return False
+        deadline = asyncio.get_running_loop().time() + 15.0
+        while not await admitted():
+            assert asyncio.get_running_loop().time() < deadline, "no connection admitted after the holders left"
+            await asyncio.sleep(0.1)
+
+    run_async(body(), timeout=120)
+    assert ferry.alive()
+
+
+def test_stream_flood_past_max_concurrent_streams(start_proxy, udp_target):
+    """quic_protocol_options.max_concurrent_streams: 5. Each of 4 clients asks for 200
+    tunnels at once: exactly 5 per connection open (the rest wait in the clients, blocked
+    by MAX_STREAMS), Ferry holds 20 tunnels, RSS stays flat, and every open tunnel echoes."""
+    ferry = start_proxy("limits-h3.yaml.in", MAX_CONNECTIONS=100, MAX_STREAMS=5, MAX_DURATION="0s")
+    port = ferry.listener_port
+
+    async def body():
+        clients = []
+        try:
+            for _ in range(4):
+                cm = MasqueClient.connect("127.0.0.1", port, idle_timeout=30.0)
+                clients.append((cm, await cm.__aenter__()))
+            before = rss(ferry)
+            floods = [[c.open_tunnel("foo.lyft.com", 80) for _ in range(200)] for _, c in clients]
+            for tunnels in floods:
+                for t in tunnels[:5]:
+                    assert await t.wait_status(10.0) == 200
+            assert await async_wait_until(lambda: ferry.counter(TUNNELS_ACTIVE) == 20, 5.0), \
+                ferry.counter(TUNNELS_ACTIVE)
+            for (_, c), tunnels in zip(clients, floods):
+                assert all(t.status is None for t in tunnels[5:])
+                assert len(c.protocol._quic._streams_blocked_bidi) == 195
+                for t in tunnels[:5]:
+                    assert await echo(t, b"open")
+            assert ferry.counter(P + "downstream_rq_total") == 20
+            after = rss(ferry)
+            print(f"stream flood: RSS {before >> 20} MiB -> {after >> 20} MiB "
+                  f"({(after - before) / (1 << 20):+.1f} MiB) for 800 requests, 20 admitted")
+            assert after - before < RSS_GROWTH_LIMIT, (before, after)
+        finally:
+            for cm, _ in clients:
+                await cm.__aexit__(None, None, None)
+        assert await async_wait_until(lambda: ferry.counter(TUNNELS_ACTIVE) == 0, 10.0), \
+            ferry.counter(TUNNELS_ACTIVE)
+
+    run_async(body(), timeout=90)
+    assert ferry.alive()
+
+
+def test_max_stream_duration_ends_a_flood_of_busy_tunnels(start_proxy, udp_target):
+    """max_stream_duration: 1s. 50 tunnels kept busy (so no idle timeout) are all ended by
+    the duration limit and counted (downstream_rq_max_duration_reached); RSS stays flat."""
+    ferry = start_proxy("limits-h3.yaml.in", MAX_CONNECTIONS=100, MAX_STREAMS=100, MAX_DURATION="1s")
+    port = ferry.listener_port
+
+    async def body():
+        async with MasqueClient.connect("127.0.0.1", port, idle_timeout=30.0) as c:
+            before = rss(ferry)
+            tunnels = [c.open_tunnel("foo.lyft.com", 80) for _ in range(50)]
+            for t in tunnels:
+                assert await t.wait_status(10.0) == 200
+
+            async def all_ended() -> bool:
+                for t in tunnels:
+                    if not t.ended:
+                        t.send(b"busy")
+                await asyncio.sleep(0.05)
+                return all(t.ended for t in tunnels)
+
+            deadline = asyncio.get_running_loop().time() + 15.0
+            while not await all_ended():
+                assert asyncio.get_running_loop().time() < deadline, \
+                    sum(t.ended for t in tunnels)
+            assert await async_wait_until(
+                lambda: ferry.counter(P + "downstream_rq_max_duration_reached") == 50, 5.0), \
+                ferry.counter(P + "downstream_rq_max_duration_reached")
+            assert ferry.counter(P + "connect_udp.streams_reset_idle_timeout") == 0
+            assert await async_wait_until(lambda: ferry.counter(TUNNELS_ACTIVE) == 0, 5.0)
+            after = rss(ferry)
+            print(f"max_stream_duration: RSS {before >> 20} MiB -> {after >> 20} MiB "
+                  f"({(after - before) / (1 << 20):+.1f} MiB) for 50 tunnels ended")
+            assert after - before < RSS_GROWTH_LIMIT, (before, after)
+            assert c.terminated is None
 
     run_async(body(), timeout=60)
     assert ferry.alive()

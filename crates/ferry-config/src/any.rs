@@ -15,10 +15,10 @@ use std::marker::PhantomData;
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 
 use crate::raw::{
-    BasicAuth, CaresDnsResolverConfig, DfpClusterConfig, DfpFilterConfig, DownstreamTlsContext,
-    FileAccessLog, HttpCapsuleFilterConfig, HttpConnectionManager, HttpProtocolOptions,
-    QuicDownstreamTransport, QuicUpstreamTransport, Router, StreamAccessLog, TypedStruct,
-    UdpProxyConfig, UdpRoute, UpstreamTlsContext,
+    BasicAuth, CaresDnsResolverConfig, DfpClusterConfig, DfpFilterConfig,
+    DownstreamConnectionsConfig, DownstreamTlsContext, FileAccessLog, HttpCapsuleFilterConfig,
+    HttpConnectionManager, HttpProtocolOptions, QuicDownstreamTransport, QuicUpstreamTransport,
+    Router, StreamAccessLog, TypedStruct, UdpProxyConfig, UdpRoute, UpstreamTlsContext,
 };
 
 /// `@type` of the QUIC downstream transport socket.
@@ -73,6 +73,9 @@ pub const UDP_PROXY_ROUTE: &str =
     "type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.Route";
 /// `@type` of the HTTP capsule UDP session filter.
 pub const HTTP_CAPSULE_SESSION_FILTER: &str = "type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.session.http_capsule.v3.FilterConfig";
+
+/// `@type` of the global downstream connection limit resource monitor.
+pub const DOWNSTREAM_CONNECTIONS_CONFIG: &str = "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig";
 
 /// Marks a message carrying a nested path (see [`crate::error`]): `MARK path MARK message`.
 pub(crate) const PATH_MARK: char = '\u{1}';
@@ -326,6 +329,28 @@ impl AnySlot for SessionFilterConfig {
     }
 }
 
+/// `overload_manager.resource_monitors[].typed_config`.
+#[derive(Debug)]
+pub(crate) enum ResourceMonitorConfig {
+    DownstreamConnections(DownstreamConnectionsConfig),
+    Other(String),
+}
+
+impl AnySlot for ResourceMonitorConfig {
+    const WHAT: &'static str = "a resource monitor typed_config";
+    fn from_type<'de, D: Deserializer<'de>>(url: String, rest: D) -> Result<Self, D::Error> {
+        Ok(match url.as_str() {
+            DOWNSTREAM_CONNECTIONS_CONFIG => {
+                Self::DownstreamConnections(DownstreamConnectionsConfig::deserialize(rest)?)
+            }
+            _ => {
+                skip(rest)?;
+                Self::Other(url)
+            }
+        })
+    }
+}
+
 macro_rules! deserialize_via_any_slot {
     ($($t:ty),*) => {$(
         impl<'de> Deserialize<'de> for $t {
@@ -346,7 +371,8 @@ deserialize_via_any_slot!(
     MatchActionConfig,
     SessionFilterConfig,
     ClusterTypeConfig,
-    DnsResolverConfig
+    DnsResolverConfig,
+    ResourceMonitorConfig
 );
 
 struct AnyVisitor<T>(PhantomData<T>);

@@ -26,6 +26,7 @@ use crate::raw::{
 mod accesslog;
 mod basic_auth;
 mod dfp;
+mod limits;
 mod udp_proxy;
 
 pub use dfp::{DESTINATION_POLICY_NAME, DESTINATION_POLICY_TYPE_URL};
@@ -125,6 +126,11 @@ pub(crate) fn build(raw: &raw::Bootstrap) -> Result<model::Bootstrap, Vec<Config
         .admin
         .as_ref()
         .and_then(|a| build_admin(&mut ctx, &root.f("admin"), a));
+    let max_downstream_connections = limits::build_overload_manager(
+        &mut ctx,
+        &root.f("overload_manager"),
+        raw.overload_manager.as_ref(),
+    );
 
     let srp = root.f("static_resources");
     let empty = raw::StaticResources::default();
@@ -218,6 +224,7 @@ pub(crate) fn build(raw: &raw::Bootstrap) -> Result<model::Bootstrap, Vec<Config
             admin,
             listeners,
             clusters,
+            max_downstream_connections,
         })
     } else {
         Err(ctx.errors)
@@ -346,8 +353,11 @@ fn build_listener(
     let quic = l.udp_listener_config.as_ref().and_then(|u| {
         ctx.unsupported(&up, u.unsupported_fields());
         u.quic_options.as_ref().map(|q| {
-            ctx.unsupported(&up.f("quic_options"), q.unsupported_fields());
-            model::QuicOptions {}
+            let qp = up.f("quic_options");
+            ctx.unsupported(&qp, q.unsupported_fields());
+            model::QuicOptions {
+                max_concurrent_streams: limits::quic_max_concurrent_streams(ctx, &qp, q),
+            }
         })
     });
     // An unusable protocol (already reported): assume what the rest of the listener says.
@@ -744,6 +754,8 @@ fn placeholder_hcm() -> model::HttpConnectionManager {
         allow_extended_connect: false,
         allow_connect: false,
         stream_idle_timeout: None,
+        http2_max_concurrent_streams: limits::DEFAULT_H2_MAX_CONCURRENT_STREAMS,
+        max_stream_duration: None,
         http_filters: Vec::new(),
         access_log: Vec::new(),
         dynamic_forward_proxy: None,
@@ -850,6 +862,16 @@ fn build_hcm(
         }
         None => false,
     };
+    let http2_max_concurrent_streams = limits::h2_max_concurrent_streams(
+        ctx,
+        &p.f("http2_protocol_options"),
+        h.http2_protocol_options.as_ref(),
+    );
+    let max_stream_duration = limits::max_stream_duration(
+        ctx,
+        &p.f("common_http_protocol_options"),
+        h.common_http_protocol_options.as_ref(),
+    );
 
     let timeout = ctx.duration(
         &p.f("stream_idle_timeout"),
@@ -869,6 +891,8 @@ fn build_hcm(
         allow_extended_connect,
         allow_connect,
         stream_idle_timeout,
+        http2_max_concurrent_streams,
+        max_stream_duration,
         http_filters,
         access_log,
         dynamic_forward_proxy,

@@ -16,6 +16,10 @@ pub struct Bootstrap {
     pub admin: Option<Admin>,
     pub listeners: Vec<Listener>,
     pub clusters: Vec<Cluster>,
+    /// `overload_manager.resource_monitors[]` `envoy.resource_monitors.global_downstream_max_connections`
+    /// `max_active_downstream_connections`: open downstream connections (HTTP/1.1, HTTP/2
+    /// and QUIC, all listeners together) past which new ones are refused. None: no limit.
+    pub max_downstream_connections: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -100,9 +104,21 @@ pub enum SocketProtocol {
     Udp,
 }
 
-/// `udp_listener_config.quic_options` (only the empty form is supported for now).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct QuicOptions {}
+/// `udp_listener_config.quic_options`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuicOptions {
+    /// `quic_protocol_options.max_concurrent_streams` (Envoy's default: 100): the
+    /// bidirectional streams (requests, tunnels) a client may have open per connection.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for QuicOptions {
+    fn default() -> Self {
+        QuicOptions {
+            max_concurrent_streams: 100,
+        }
+    }
+}
 
 /// One filter chain: its transport socket and its HTTP connection manager.
 #[derive(Debug, Clone, PartialEq)]
@@ -159,6 +175,12 @@ pub struct HttpConnectionManager {
     pub allow_connect: bool,
     /// `stream_idle_timeout`; Envoy's default is 5 minutes; `0s` disables it (None).
     pub stream_idle_timeout: Option<Duration>,
+    /// `http2_protocol_options.max_concurrent_streams` (Ferry's default: 100; Envoy's:
+    /// 2147483647): streams (requests, tunnels) per HTTP/2 connection.
+    pub http2_max_concurrent_streams: u32,
+    /// `common_http_protocol_options.max_stream_duration`: a tunnel (any stream) ends this
+    /// long after its request. None (absent or `0s`): no limit.
+    pub max_stream_duration: Option<Duration>,
     /// Names of `http_filters[]`, in order (only `envoy.filters.http.router` for now).
     pub http_filters: Vec<String>,
     /// `access_log[]`: one line per request (per tunnel, at its end) to each.

@@ -17,7 +17,7 @@ use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor}
 pub(crate) use crate::any::{
     AccessLoggerConfig, ClusterTypeConfig, DnsResolverConfig, DownstreamTransportConfig,
     HttpFilterConfig, ListenerFilterConfig, MatchActionConfig, NetworkFilterConfig,
-    ProtocolOptionsConfig, SessionFilterConfig, UpstreamTransportConfig,
+    ProtocolOptionsConfig, ResourceMonitorConfig, SessionFilterConfig, UpstreamTransportConfig,
 };
 
 /// Any value at all: the value of an Envoy field Ferry does not implement. Only its
@@ -72,12 +72,13 @@ envoy_message! {
     struct Bootstrap {
         admin: Option<Admin>,
         static_resources: Option<StaticResources>,
+        overload_manager: Option<OverloadManager>,
     }
     unsupported [
         node, node_context_params, dynamic_resources, cluster_manager, hds_config, flags_path,
         stats_sinks, deferred_stat_options, stats_config, stats_flush_interval,
         stats_flush_on_admin, stats_eviction_interval, watchdog, watchdogs, tracing,
-        layered_runtime, overload_manager, enable_dispatcher_stats, header_prefix,
+        layered_runtime, enable_dispatcher_stats, header_prefix,
         stats_server_version_override, use_tcp_for_dns_lookups, dns_resolution_config,
         typed_dns_resolver_config, bootstrap_extensions, fatal_actions, config_sources,
         default_config_source, default_socket_interface, certificate_provider_instances,
@@ -85,6 +86,34 @@ envoy_message! {
         xds_config_tracker_extension, listener_manager, application_log_config,
         grpc_async_client_manager_config, memory_allocator_manager,
     ]
+}
+
+envoy_message! {
+    /// `envoy.config.overload.v3.OverloadManager`: only the global downstream connection
+    /// limit resource monitor.
+    struct OverloadManager {
+        /// Accepted and unused: the connection limit monitor is checked on every accept.
+        refresh_interval: Option<RawDuration>,
+        resource_monitors: Vec<ResourceMonitor>,
+    }
+    unsupported [actions, buffer_factory_config, loadshed_points]
+}
+
+envoy_message! {
+    /// `envoy.config.overload.v3.ResourceMonitor`.
+    struct ResourceMonitor {
+        name: Option<String>,
+        typed_config: Option<ResourceMonitorConfig>,
+    }
+    unsupported []
+}
+
+envoy_message! {
+    /// `envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig`.
+    struct DownstreamConnectionsConfig {
+        max_active_downstream_connections: Option<PortValue>,
+    }
+    unsupported []
 }
 
 envoy_message! {
@@ -257,14 +286,28 @@ envoy_message! {
 }
 
 envoy_message! {
-    /// `envoy.config.listener.v3.QuicProtocolOptions`: only the empty form `{}` for now.
-    struct QuicProtocolOptions {}
+    /// `envoy.config.listener.v3.QuicProtocolOptions`.
+    struct QuicProtocolOptions {
+        quic_protocol_options: Option<CoreQuicProtocolOptions>,
+    }
     unsupported [
-        quic_protocol_options, idle_timeout, crypto_handshake_timeout, enabled,
+        idle_timeout, crypto_handshake_timeout, enabled,
         packets_to_read_to_connection_count_ratio, crypto_stream_config, proof_source_config,
         connection_id_generator_config, server_preferred_address_config,
         send_disable_active_migration, connection_debug_visitor_config, save_cmsg_config,
         reject_new_connections, max_sessions_per_event_loop,
+    ]
+}
+
+envoy_message! {
+    /// `envoy.config.core.v3.QuicProtocolOptions` (on a listener's `quic_options`).
+    struct CoreQuicProtocolOptions {
+        max_concurrent_streams: Option<PortValue>,
+    }
+    unsupported [
+        initial_stream_window_size, initial_connection_window_size,
+        num_timeouts_to_trigger_port_migration, connection_keepalive, connection_options,
+        client_connection_options, idle_network_timeout, max_packet_length,
     ]
 }
 
@@ -590,9 +633,10 @@ envoy_message! {
         http2_protocol_options: Option<Http2ProtocolOptions>,
         stream_idle_timeout: Option<RawDuration>,
         access_log: Vec<AccessLog>,
+        common_http_protocol_options: Option<CommonHttpProtocolOptions>,
     }
     unsupported [
-        rds, scoped_routes, add_user_agent, tracing, common_http_protocol_options,
+        rds, scoped_routes, add_user_agent, tracing,
         http_protocol_options, server_name, server_header_transformation,
         scheme_header_transformation, max_request_headers_kb, max_request_headers_count,
         request_timeout, request_headers_timeout, drain_timeout, delayed_close_timeout,
@@ -608,6 +652,17 @@ envoy_message! {
         path_normalization_options, strip_trailing_host_dot, proxy_status_config,
         typed_header_validation_config, append_x_forwarded_port, append_local_overload,
         add_proxy_protocol_connection_state, http1_safe_max_connection_duration,
+    ]
+}
+
+envoy_message! {
+    /// `envoy.config.core.v3.HttpProtocolOptions` (an HCM's `common_http_protocol_options`).
+    struct CommonHttpProtocolOptions {
+        max_stream_duration: Option<RawDuration>,
+    }
+    unsupported [
+        idle_timeout, max_connection_duration, max_headers_count, max_response_headers_kb,
+        headers_with_underscores_action, max_requests_per_connection,
     ]
 }
 
@@ -765,9 +820,10 @@ envoy_message! {
     /// `envoy.config.core.v3.Http2ProtocolOptions`.
     struct Http2ProtocolOptions {
         allow_connect: Option<bool>,
+        max_concurrent_streams: Option<PortValue>,
     }
     unsupported [
-        hpack_table_size, max_concurrent_streams, initial_stream_window_size,
+        hpack_table_size, initial_stream_window_size,
         initial_connection_window_size, allow_metadata, max_outbound_frames,
         max_outbound_control_frames, max_consecutive_inbound_frames_with_empty_payload,
         max_inbound_priority_frames_per_stream, max_inbound_window_update_frames_per_data_frame_sent,

@@ -21,7 +21,9 @@ fn expected_terminate_h3() -> Bootstrap {
             name: "h3_listener".into(),
             address: SocketAddr::from(([127, 0, 0, 1], PROXY_PORT)),
             protocol: SocketProtocol::Udp,
-            quic: Some(QuicOptions {}),
+            quic: Some(QuicOptions {
+                max_concurrent_streams: 100,
+            }),
             filter_chain: FilterChain {
                 tls: Some(ServerTls {
                     certificates: vec![CertificateKeyPair {
@@ -59,6 +61,8 @@ fn expected_terminate_h3() -> Bootstrap {
                     allow_extended_connect: true,
                     allow_connect: false,
                     stream_idle_timeout: Some(Duration::from_secs(300)),
+                    http2_max_concurrent_streams: 100,
+                    max_stream_duration: None,
                     http_filters: vec!["envoy.filters.http.router".into()],
                     access_log: vec![],
                     dynamic_forward_proxy: None,
@@ -81,6 +85,7 @@ fn expected_terminate_h3() -> Bootstrap {
             upstream: None,
             dns_cache: None,
         }],
+        max_downstream_connections: None,
     }
 }
 

@@ -98,11 +98,11 @@ fn many_unsupported_fields_are_all_reported() {
         "admin.access_log_path".to_owned(),
         "admin.profile_path".to_owned(),
         "static_resources.listeners[0].udp_listener_config.quic_options.idle_timeout".to_owned(),
-        format!("{HCM}.common_http_protocol_options"),
         format!("{HCM}.access_log_flush_interval"),
         format!("{HCM}.use_remote_address"),
         format!("{ROUTE}.prefix_rewrite"),
         format!("{ROUTE}.timeout"),
+        format!("{HCM}.common_http_protocol_options.idle_timeout"),
         "static_resources.clusters[0].health_checks".to_owned(),
         "static_resources.clusters[0].circuit_breakers".to_owned(),
     ];

@@ -48,6 +48,8 @@ pub enum ResponseFlag {
     StreamIdleTimeout,
     /// `DPE`: a malformed request or capsule from the client.
     DownstreamProtocolError,
+    /// `DT`: the tunnel reached `max_stream_duration`.
+    DurationTimeout,
     /// `DF`: DNS resolution failed.
     DnsResolutionFailed,
     /// `URX`: a udp_proxy session used all its tunnel attempts (`max_connect_attempts`).
@@ -64,6 +66,7 @@ impl ResponseFlag {
         ResponseFlag::UpstreamRetryLimitExceeded,
         ResponseFlag::StreamIdleTimeout,
         ResponseFlag::DownstreamProtocolError,
+        ResponseFlag::DurationTimeout,
         ResponseFlag::DnsResolutionFailed,
     ];
 
@@ -76,6 +79,7 @@ impl ResponseFlag {
             ResponseFlag::DownstreamConnectionTermination => "DC",
             ResponseFlag::StreamIdleTimeout => "SI",
             ResponseFlag::DownstreamProtocolError => "DPE",
+            ResponseFlag::DurationTimeout => "DT",
             ResponseFlag::DnsResolutionFailed => "DF",
             ResponseFlag::UpstreamRetryLimitExceeded => "URX",
         }
@@ -90,6 +94,7 @@ impl ResponseFlag {
             ResponseFlag::DownstreamConnectionTermination => "DownstreamConnectionTermination",
             ResponseFlag::StreamIdleTimeout => "StreamIdleTimeout",
             ResponseFlag::DownstreamProtocolError => "DownstreamProtocolError",
+            ResponseFlag::DurationTimeout => "DurationTimeout",
             ResponseFlag::DnsResolutionFailed => "DnsResolutionFailed",
             ResponseFlag::UpstreamRetryLimitExceeded => "UpstreamRetryLimitExceeded",
         }
@@ -367,6 +372,7 @@ impl RequestRecord {
                 r.name(),
                 match r {
                     ResetReason::IdleTimeout => Some(ResponseFlag::StreamIdleTimeout),
+                    ResetReason::MaxDuration => Some(ResponseFlag::DurationTimeout),
                     ResetReason::SocketError => Some(ResponseFlag::UpstreamConnectionTermination),
                     ResetReason::MalformedCapsule | ResetReason::CapsuleTooLarge => {
                         Some(ResponseFlag::DownstreamProtocolError)

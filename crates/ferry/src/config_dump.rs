@@ -200,6 +200,13 @@ fn hcm(h: &HttpConnectionManager) -> Value {
             .map(|u| json!({"upgrade_type": u.upgrade_type, "enabled": u.enabled}))
             .collect::<Vec<_>>(),
         "http3_protocol_options": {"allow_extended_connect": h.allow_extended_connect},
+        "http2_protocol_options": {
+            "allow_connect": h.allow_connect,
+            "max_concurrent_streams": h.http2_max_concurrent_streams,
+        },
+        "common_http_protocol_options": {
+            "max_stream_duration": duration(h.max_stream_duration.unwrap_or_default()),
+        },
         "stream_idle_timeout": duration(h.stream_idle_timeout.unwrap_or_default()),
         "access_log": h.access_log.iter().map(access_log).collect::<Vec<_>>(),
     })
@@ -350,8 +357,13 @@ fn listener(l: &Listener) -> Value {
         "address": socket_address(l.address.ip(), l.address.port(), Some(protocol)),
         "filter_chains": [Value::Object(chain)],
     });
-    if let (Some(_), Some(m)) = (&l.quic, v.as_object_mut()) {
-        m.insert("udp_listener_config".into(), json!({"quic_options": {}}));
+    if let (Some(q), Some(m)) = (&l.quic, v.as_object_mut()) {
+        m.insert(
+            "udp_listener_config".into(),
+            json!({"quic_options": {"quic_protocol_options": {
+                "max_concurrent_streams": q.max_concurrent_streams,
+            }}}),
+        );
     }
     v
 }
@@ -521,6 +533,18 @@ pub fn bootstrap(b: &Bootstrap) -> Value {
         m.insert(
             "admin".into(),
             json!({"address": socket_address(a.address.ip(), a.address.port(), None)}),
+        );
+    }
+    if let (Some(max), Some(m)) = (b.max_downstream_connections, v.as_object_mut()) {
+        m.insert(
+            "overload_manager".into(),
+            json!({"resource_monitors": [{
+                "name": "envoy.resource_monitors.global_downstream_max_connections",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+                    "max_active_downstream_connections": max,
+                },
+            }]}),
         );
     }
     v

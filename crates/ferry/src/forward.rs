@@ -234,11 +234,13 @@ pub type DownRecv = h3::server::RequestStream<h3_quinn::RecvStream, Bytes>;
 pub type UpStream = h3::client::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
 
 /// Relay between the client's hop (`down`) and the next hop (`up`) until either side
-/// ends; then end the other. Returns how it ended.
+/// ends, or `max_duration` (the HCM's `max_stream_duration`) has passed; then end the
+/// other. Returns how it ended.
 pub async fn relay<DR, DS, UR, US>(
     down: Side<DR, DS>,
     up: Side<UR, US>,
     stats: &ConnectUdpStats,
+    max_duration: Option<std::time::Duration>,
     mut shutdown: crate::shutdown::Waiter,
 ) -> crate::tunnel::End
 where
@@ -328,15 +330,18 @@ where
         Client(Half),
         NextHop(Half),
         Shutdown,
+        MaxDuration,
     }
     let ended = tokio::select! {
         h = client_to_next => Ended::Client(h),
         h = next_to_client => Ended::NextHop(h),
+        _ = crate::tunnel::max_duration(max_duration) => Ended::MaxDuration,
         _ = shutdown.wait() => Ended::Shutdown,
     };
     let end = match ended {
         Ended::Client(Half::Finished) => End::ClientFinished,
         Ended::Shutdown => End::Shutdown,
+        Ended::MaxDuration => End::Reset(crate::stats::ResetReason::MaxDuration),
         Ended::NextHop(Half::Finished) => End::NextHopFinished,
         Ended::Client(Half::Broken) => End::ClientGone,
         Ended::NextHop(Half::Broken) => End::NextHopGone,
@@ -353,6 +358,11 @@ where
         End::ClientGone => {
             up_send.reset(Code::H3_REQUEST_CANCELLED);
             down_send.reset(Code::H3_MESSAGE_ERROR);
+        }
+        End::Reset(reason @ crate::stats::ResetReason::MaxDuration) => {
+            stats.reset(reason);
+            down_send.reset(Code::H3_NO_ERROR);
+            up_send.reset(Code::H3_REQUEST_CANCELLED);
         }
         _ => {
             down_send.reset(Code::H3_CONNECT_ERROR);
@@ -394,6 +404,7 @@ pub async fn relay_next_hop<DR: StreamRecv, DS: StreamSend>(
     down: Side<DR, DS>,
     up: NextHopTunnel,
     stats: &ConnectUdpStats,
+    max_duration: Option<std::time::Duration>,
     shutdown: crate::shutdown::Waiter,
 ) -> crate::tunnel::End {
     match up {
@@ -416,7 +427,7 @@ pub async fn relay_next_hop<DR: StreamRecv, DS: StreamSend>(
                 }),
                 respond: None,
             };
-            let end = relay(down, up, stats, shutdown).await;
+            let end = relay(down, up, stats, max_duration, shutdown).await;
             drop(lease);
             end
         }
@@ -430,6 +441,7 @@ pub async fn relay_next_hop<DR: StreamRecv, DS: StreamSend>(
                     respond: None,
                 },
                 stats,
+                max_duration,
                 shutdown,
             )
             .await
@@ -768,7 +780,8 @@ pub async fn forward_h3(
         }),
         respond: Some(down_resp),
     };
-    let end = relay_next_hop(down, tunnel, &tunnel_stats, shutdown).await;
+    let max_duration = ctx.hcm.load().max_stream_duration;
+    let end = relay_next_hop(down, tunnel, &tunnel_stats, max_duration, shutdown).await;
     crate::accesslog::note(|r| r.tunnel_ended(end));
     tracing::debug!(down_stream_id, ?end, "forwarded tunnel closed");
     Ok(())

@@ -33,6 +33,8 @@ pub struct ListenerCtx {
     pub drain: Drain,
     /// Open connections of the whole server (a drain waits for the last one).
     pub connections: ConnectionCount,
+    /// The global downstream connection limit (shared by every listener).
+    pub connection_limit: crate::limits::ConnectionLimit,
     /// The HCM's `access_log[]`.
     pub access_logs: AccessLogs,
     /// The bound address (set once bound).
@@ -58,7 +60,11 @@ impl H3Listener {
         ctx.stats.auth.register(listener);
         let tls = crate::tls::server_config(tls, &[b"h3"])
             .map_err(|e| format!("listener {}: {e}", listener.name))?;
-        let endpoint = crate::quic::server_endpoint(listener.address, tls)
+        let max_streams = listener
+            .quic
+            .as_ref()
+            .map_or(100, |q| q.max_concurrent_streams);
+        let endpoint = crate::quic::server_endpoint(listener.address, tls, max_streams)
             .map_err(|e| format!("listener {}: {e}", listener.name))?;
         let local_addr = endpoint
             .local_addr()
@@ -86,11 +92,20 @@ impl H3Listener {
                         incoming.refuse();
                     }
                     Some(incoming) => {
+                        let Some(admitted) = self.ctx.connection_limit.try_admit() else {
+                            // Over the global downstream connection limit: CONNECTION_REFUSED.
+                            if let Some(l) = &self.ctx.stats.listener {
+                                l.downstream_global_cx_overflow.inc();
+                            }
+                            incoming.refuse();
+                            continue;
+                        };
                         let ctx = self.ctx.clone();
                         let open = ctx.connections.open();
                         conns.spawn(async move {
                             crate::supervise::guard("h3 connection", handle_connection(incoming, ctx)).await;
                             drop(open);
+                            drop(admitted);
                         });
                     }
                     None => break,
@@ -401,7 +416,7 @@ async fn terminate(
         Some(&datagrams),
         &shared,
         initial,
-        hcm.stream_idle_timeout,
+        tunnel::Timeouts::of(hcm),
         shutdown,
     )
     .await;

@@ -18,6 +18,7 @@ pub mod dns_client;
 pub mod encap;
 pub mod forward;
 pub mod h3server;
+pub mod limits;
 pub mod policy;
 pub mod quic;
 pub mod router;

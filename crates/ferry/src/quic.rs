@@ -21,6 +21,11 @@ pub fn bind_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     Ok(socket.into())
 }
 
+/// Flow-control credit a client connection gets for request-stream bytes Ferry has not
+/// read yet, all streams together (each stream: quinn's 1.25 MB). Without it quinn grants
+/// unlimited connection credit, so a connection could park 100 x 1.25 MB.
+pub const SERVER_CONNECTION_RECEIVE_WINDOW: u32 = 8 << 20;
+
 /// Transport settings for both sides: QUIC DATAGRAM support (this advertises the
 /// `max_datagram_frame_size` transport parameter), buffers, and Envoy's 300 s QUIC idle
 /// timeout.
@@ -53,14 +58,22 @@ pub fn client_transport_config() -> quinn::TransportConfig {
     t
 }
 
+/// A server endpoint. `max_concurrent_streams` (the listener's
+/// `quic_protocol_options.max_concurrent_streams`) is the number of bidirectional streams
+/// a client may have open at once: QUIC flow control enforces it (the client cannot open
+/// more until one closes; a client that tries anyway commits a STREAM_LIMIT_ERROR).
 pub fn server_endpoint(
     addr: SocketAddr,
     tls: rustls::ServerConfig,
+    max_concurrent_streams: u32,
 ) -> Result<quinn::Endpoint, String> {
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| format!("TLS config unusable for QUIC: {e}"))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(Arc::new(transport_config()));
+    let mut transport = transport_config();
+    transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(max_concurrent_streams));
+    transport.receive_window(quinn::VarInt::from_u32(SERVER_CONNECTION_RECEIVE_WINDOW));
+    server.transport_config(Arc::new(transport));
     let socket = bind_socket(addr).map_err(|e| format!("cannot bind {addr}: {e}"))?;
     quinn::Endpoint::new(
         quinn::EndpointConfig::default(),

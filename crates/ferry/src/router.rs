@@ -198,6 +198,8 @@ mod tests {
             allow_extended_connect: true,
             allow_connect: false,
             stream_idle_timeout: None,
+            http2_max_concurrent_streams: 100,
+            max_stream_duration: None,
             http_filters: vec!["envoy.filters.http.router".into()],
             access_log: vec![],
             dynamic_forward_proxy: None,

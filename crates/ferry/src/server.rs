@@ -185,6 +185,8 @@ impl Server {
         let shutdown = Shutdown::default();
         let drain = Drain::default();
         let connections = ConnectionCount::default();
+        let connection_limit =
+            crate::limits::ConnectionLimit::new(bootstrap.max_downstream_connections);
         let destinations = Destinations::new(&stats);
         let cluster_stats = Arc::new(ClusterStatsMap::new(&stats));
         let mut h3 = Vec::new();
@@ -237,6 +239,7 @@ impl Server {
                 shutdown: shutdown.clone(),
                 drain: drain.clone(),
                 connections: connections.clone(),
+                connection_limit: connection_limit.clone(),
                 access_logs,
                 local_addr: Default::default(),
             });

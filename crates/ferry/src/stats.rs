@@ -488,14 +488,17 @@ pub enum ResetReason {
     SocketError,
     /// No traffic for `stream_idle_timeout`.
     IdleTimeout,
+    /// The tunnel reached `common_http_protocol_options.max_stream_duration`.
+    MaxDuration,
 }
 
 impl ResetReason {
-    pub const ALL: [ResetReason; 4] = [
+    pub const ALL: [ResetReason; 5] = [
         ResetReason::MalformedCapsule,
         ResetReason::CapsuleTooLarge,
         ResetReason::SocketError,
         ResetReason::IdleTimeout,
+        ResetReason::MaxDuration,
     ];
 
     pub fn name(self) -> &'static str {
@@ -504,6 +507,7 @@ impl ResetReason {
             ResetReason::CapsuleTooLarge => "capsule_too_large",
             ResetReason::SocketError => "socket_error",
             ResetReason::IdleTimeout => "idle_timeout",
+            ResetReason::MaxDuration => "max_duration",
         }
     }
 }
@@ -632,6 +636,9 @@ pub struct ConnectUdpStats {
     pub upstream_datagrams_rx: Counter,
     drops: [Counter; DropReason::ALL.len()],
     resets: [Counter; ResetReason::ALL.len()],
+    /// Envoy's `http.<stat_prefix>.downstream_rq_max_duration_reached` (listener stats
+    /// only), counted with [`ResetReason::MaxDuration`].
+    max_duration_reached: Option<Counter>,
     tunnel: Option<Arc<TunnelCounters>>,
     store: Arc<Store>,
     prefix: Arc<str>,
@@ -674,6 +681,7 @@ impl ConnectUdpStats {
                 .map(|r| store.counter(&format!("{cu}datagrams_dropped_{}", r.name()))),
             resets: ResetReason::ALL
                 .map(|r| store.counter(&format!("{cu}streams_reset_{}", r.name()))),
+            max_duration_reached: None,
             tunnel: None,
             store: store.clone(),
             prefix: cu.into(),
@@ -699,6 +707,11 @@ impl ConnectUdpStats {
 
     pub fn reset(&self, reason: ResetReason) {
         self.resets[reason as usize].inc();
+        if reason == ResetReason::MaxDuration {
+            if let Some(c) = &self.max_duration_reached {
+                c.inc();
+            }
+        }
     }
 
     pub fn drops(&self, reason: DropReason) -> u64 {
@@ -802,7 +815,10 @@ impl HttpStats {
             downstream_cx_upgrades_total: c("downstream_cx_upgrades_total"),
             downstream_cx_upgrades_active: g("downstream_cx_upgrades_active"),
             downstream_rq_headers_too_large: c("downstream_rq_headers_too_large"),
-            connect_udp: ConnectUdpStats::new(store, &cu),
+            connect_udp: ConnectUdpStats {
+                max_duration_reached: Some(c("downstream_rq_max_duration_reached")),
+                ..ConnectUdpStats::new(store, &cu)
+            },
             auth: AuthStats {
                 store: store.clone(),
                 http_prefix: p.as_str().into(),
@@ -955,6 +971,8 @@ pub struct ListenerStats {
     pub downstream_cx_length_ms: Histogram,
     /// QUIC connection attempts refused (the listener is draining).
     pub downstream_cx_refused_draining: Counter,
+    /// Connections refused because the global downstream connection limit was reached.
+    pub downstream_global_cx_overflow: Counter,
     pub downstream_rq_completed: Counter,
     rq_by_class: [Counter; 5],
     /// `listener.<address>.`
@@ -1058,6 +1076,8 @@ impl ListenerStats {
             downstream_cx_length_ms: store.histogram(&format!("{p}downstream_cx_length_ms")),
             downstream_cx_refused_draining: store
                 .counter(&format!("{p}downstream_cx_refused_draining")),
+            downstream_global_cx_overflow: store
+                .counter(&format!("{p}downstream_global_cx_overflow")),
             downstream_rq_completed: store.counter(&format!("{h}downstream_rq_completed")),
             rq_by_class: [rq("1xx"), rq("2xx"), rq("3xx"), rq("4xx"), rq("5xx")],
             prefix: p.as_str().into(),

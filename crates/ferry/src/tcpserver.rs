@@ -97,6 +97,14 @@ impl TcpListener {
                         drop(tcp);
                         continue;
                     }
+                    let Some(admitted) = self.ctx.connection_limit.try_admit() else {
+                        // Over the global downstream connection limit: closed at once.
+                        if let Some(l) = &self.ctx.stats.listener {
+                            l.downstream_global_cx_overflow.inc();
+                        }
+                        drop(tcp);
+                        continue;
+                    };
                     let _ = tcp.set_nodelay(true);
                     let ctx = self.ctx.clone();
                     let tls = self.tls.clone();
@@ -107,6 +115,7 @@ impl TcpListener {
                     conns.spawn(async move {
                         crate::supervise::guard("tcp connection", handle_connection(tcp, peer, ctx, tls, codec, alt_svc, shutdown)).await;
                         drop(open);
+                        drop(admitted);
                     });
                 }
                 _ = drain.wait(), if !draining => draining = true,
@@ -182,6 +191,12 @@ async fn handle_connection(
         CodecType::Http2 => builder.http2_only(),
         _ => builder,
     };
+    // SETTINGS_MAX_CONCURRENT_STREAMS (RFC 9113 section 6.5.2) from
+    // http2_protocol_options.max_concurrent_streams: hyper refuses a stream past it with
+    // RST_STREAM(REFUSED_STREAM).
+    builder
+        .http2()
+        .max_concurrent_streams(ctx.hcm.load().http2_max_concurrent_streams);
     if ctx.hcm.load().allow_connect {
         //= https://www.rfc-editor.org/rfc/rfc8441#section-3
         //# SETTINGS_ENABLE_CONNECT_PROTOCOL ... Ferry sends it only when
@@ -399,6 +414,7 @@ async fn respond(
             };
             let resp = accepted(h1, next.status, next.headers, alt_svc);
             let addr = next.addr;
+            let max_duration = hcm.max_stream_duration;
             let (task_ctx, on_upgrade) =
                 (TunnelStart::new(ctx, &resp), hyper::upgrade::on(&mut req));
             let task: TunnelTask = Box::pin(async move {
@@ -413,7 +429,9 @@ async fn respond(
                     quic: None,
                     respond: None,
                 };
-                let end = crate::forward::relay_next_hop(down, tunnel, &stats, shutdown).await;
+                let end =
+                    crate::forward::relay_next_hop(down, tunnel, &stats, max_duration, shutdown)
+                        .await;
                 tracing::debug!(%addr, ?end, "forwarded tunnel closed");
                 accesslog::note(|r| r.tunnel_ended(end));
             });
@@ -437,14 +455,17 @@ async fn respond(
     let task_ctx = TunnelStart::new(ctx, &resp);
     let stats = ctx.stats.connect_udp.clone();
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let idle = hcm.stream_idle_timeout;
+    let timeouts = tunnel::Timeouts::of(&hcm);
     let task: TunnelTask = Box::pin(async move {
         let _active = (task_ctx, upstream);
         let Some((mut recv, mut send)) = upgraded(on_upgrade).await else {
             return;
         };
         tracing::debug!(%addr, h1, "tunnel open");
-        let end = tunnel::relay(&mut recv, &mut send, None, &shared, None, idle, shutdown).await;
+        let end = tunnel::relay(
+            &mut recv, &mut send, None, &shared, None, timeouts, shutdown,
+        )
+        .await;
         tracing::debug!(%addr, ?end, "tunnel closed");
         accesslog::note(|r| r.tunnel_ended(end));
         tunnel::close(&mut send, end, &stats).await;

@@ -225,6 +225,31 @@ pub struct DatagramOut {
     pub peer: Arc<h3::SharedState>,
 }
 
+/// The timers that end a tunnel: the HCM's `stream_idle_timeout` and
+/// `common_http_protocol_options.max_stream_duration` (None: no limit).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timeouts {
+    pub idle: Option<Duration>,
+    pub max_duration: Option<Duration>,
+}
+
+impl Timeouts {
+    pub fn of(hcm: &ferry_config::HttpConnectionManager) -> Self {
+        Timeouts {
+            idle: hcm.stream_idle_timeout,
+            max_duration: hcm.max_stream_duration,
+        }
+    }
+}
+
+/// Resolves when `max` has passed (never when None).
+pub async fn max_duration(max: Option<Duration>) {
+    match max {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Relay until one side ends. `initial` holds request body bytes already read.
 pub async fn relay<R: StreamRecv, S: StreamSend>(
     recv: &mut R,
@@ -232,7 +257,7 @@ pub async fn relay<R: StreamRecv, S: StreamSend>(
     datagrams: Option<&DatagramOut>,
     shared: &TunnelShared,
     initial: Option<Bytes>,
-    idle_timeout: Option<Duration>,
+    timeouts: Timeouts,
     mut shutdown: crate::shutdown::Waiter,
 ) -> End {
     let to_target = client_to_target(recv, shared, initial);
@@ -240,7 +265,8 @@ pub async fn relay<R: StreamRecv, S: StreamSend>(
     tokio::select! {
         end = to_target => end,
         end = to_client => end,
-        end = idle(shared, idle_timeout) => end,
+        end = idle(shared, timeouts.idle) => end,
+        _ = max_duration(timeouts.max_duration) => End::Reset(ResetReason::MaxDuration),
         _ = shared.failed.notified() => End::Reset(ResetReason::SocketError),
         _ = shutdown.wait() => End::Shutdown,
     }
@@ -261,7 +287,7 @@ pub async fn close<S: StreamSend>(send: &mut S, end: End, stats: &ConnectUdpStat
                     Code::H3_MESSAGE_ERROR
                 }
                 ResetReason::SocketError => Code::H3_CONNECT_ERROR,
-                ResetReason::IdleTimeout => Code::H3_NO_ERROR,
+                ResetReason::IdleTimeout | ResetReason::MaxDuration => Code::H3_NO_ERROR,
             };
             // The receive half is not stopped explicitly: h3-quinn 0.0.10 panics in
             // stop_sending while a read is in flight. Dropping it makes quinn send
