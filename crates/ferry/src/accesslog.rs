@@ -57,7 +57,7 @@ pub enum ResponseFlag {
 }
 
 impl ResponseFlag {
-    const ORDER: [ResponseFlag; 9] = [
+    const ORDER: [ResponseFlag; 10] = [
         ResponseFlag::NoHealthyUpstream,
         ResponseFlag::UpstreamConnectionFailure,
         ResponseFlag::NoRouteFound,
