@@ -344,6 +344,11 @@ def test_session_access_log_matches_envoy(spawn_proxy, workdir):
             for key in ["type", "attempts", "flags", "bytes_received", "bytes_sent", "cluster_name",
                         "datagrams_received", "datagrams_sent", "errors_sent"]:
                 assert envoy[key] == ferry[key], f"line {i} {key}: envoy {envoy} ferry {ferry}"
+        # The HTTP/2 tunnel is up as soon as the next hop's SETTINGS allow extended
+        # CONNECT, not when a timeout runs out: Ferry once waited the cluster's whole 2 s
+        # connect_timeout here (hyper reads SETTINGS in its own task and wakes nobody).
+        connected = records["ferry"][0]["duration"]
+        assert connected < 1000, f"tunnel connected after {connected} ms (connect_timeout 2 s)"
         end = records["ferry"][1]
         assert (end["bytes_received"], end["bytes_sent"]) == (12, 12)
         assert (end["datagrams_received"], end["datagrams_sent"]) == (2, 2)

@@ -18,7 +18,6 @@ use ferry_config::{UpstreamHttp, UpstreamProtocol};
 use http_body_util::Empty;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use std::future::Future;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Mutex, OnceCell};
@@ -171,18 +170,25 @@ impl TcpPool {
             .await
             .map_err(|e| UpstreamError::Refused(format!("HTTP/2 handshake: {e}")))?;
         // The next hop allows extended CONNECT in its first SETTINGS frame, which may still
-        // be in flight: drive the connection until it has arrived (bounded), once per
-        // connection.
+        // be in flight. hyper reads frames in a task of its own and tells nobody when the
+        // SETTINGS arrive, so look every millisecond (once per connection, bounded); the
+        // connection future is polled meanwhile so that its end is seen.
         let mut conn = Box::pin(conn);
-        let settings = std::future::poll_fn(|cx| match conn.as_mut().poll(cx) {
-            std::task::Poll::Ready(_) => std::task::Poll::Ready(Err(UpstreamError::Refused(
-                "HTTP/2 connection closed".into(),
-            ))),
-            std::task::Poll::Pending if conn.is_extended_connect_protocol_enabled() => {
-                std::task::Poll::Ready(Ok(()))
+        let settings = async {
+            let mut tick = tokio::time::interval(Duration::from_millis(1));
+            loop {
+                tokio::select! {
+                    _ = conn.as_mut() => {
+                        return Err(UpstreamError::Refused("HTTP/2 connection closed".into()))
+                    }
+                    _ = tick.tick() => {
+                        if conn.is_extended_connect_protocol_enabled() {
+                            return Ok(());
+                        }
+                    }
+                }
             }
-            std::task::Poll::Pending => std::task::Poll::Pending,
-        });
+        };
         match tokio::time::timeout(SETTINGS_WAIT.min(self.connect_timeout), settings).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(e),
