@@ -1861,6 +1861,21 @@ fn name_error(ctx: &mut Ctx, p: &P, name: &str, slot: &Slot) -> bool {
     }
 }
 
+/// A `uint32`/`UInt32Value`/`int64` field within `min..=max`.
+fn uint(ctx: &mut Ctx, p: &P, v: Option<&raw::PortValue>, min: u64, max: u64) -> Option<u64> {
+    match v? {
+        raw::PortValue::Number(n) if (min..=max).contains(n) => Some(*n),
+        raw::PortValue::Number(n) => {
+            ctx.err(p, format!("{n} is out of range: expected {min}..={max}"));
+            None
+        }
+        raw::PortValue::Invalid(s) => {
+            ctx.err(p, format!("`{s}` is not an unsigned integer"));
+            None
+        }
+    }
+}
+
 /// The extension `name` must be the canonical name of the extension its `@type` selects.
 fn check_name(ctx: &mut Ctx, p: &P, name: &str, expected: &str) {
     if name.is_empty() {

@@ -216,12 +216,8 @@ impl RequestRecord {
         keep_headers: bool,
     ) -> Self {
         RequestRecord {
-            start_time: SystemTime::now(),
-            started: Instant::now(),
-            protocol: connection.protocol,
             downstream_remote: connection.remote,
             downstream_local: connection.local,
-            connection_id: connection.id,
             requested_server_name: connection.server_name,
             method: req.method().as_str().to_owned(),
             connect_protocol: req
@@ -245,20 +241,12 @@ impl RequestRecord {
             } else {
                 HeaderMap::new()
             },
-            response_code: 0,
-            response_headers: HeaderMap::new(),
-            responded: None,
-            flags: 0,
-            details: None,
-            termination: None,
-            route_name: None,
-            upstream_cluster: None,
-            upstream_host: None,
-            upstream_local: None,
-            target: None,
-            tunnel: None,
-            ended: None,
-            udp: None,
+            ..Self::blank(
+                SystemTime::now(),
+                Instant::now(),
+                connection.protocol,
+                connection.id,
+            )
         }
     }
 
@@ -272,11 +260,21 @@ impl RequestRecord {
         udp: UdpSessionLog,
     ) -> Self {
         RequestRecord {
-            start_time,
-            started,
-            protocol: "",
             downstream_remote: Some(peer),
             downstream_local: Some(local),
+            udp: Some(Box::new(udp)),
+            ..Self::blank(start_time, started, "", id)
+        }
+    }
+
+    /// A record with nothing known yet but when it started, its protocol and connection.
+    fn blank(start_time: SystemTime, started: Instant, protocol: &'static str, id: u64) -> Self {
+        RequestRecord {
+            start_time,
+            started,
+            protocol,
+            downstream_remote: None,
+            downstream_local: None,
             connection_id: id,
             requested_server_name: None,
             method: String::new(),
@@ -298,7 +296,7 @@ impl RequestRecord {
             target: None,
             tunnel: None,
             ended: None,
-            udp: Some(Box::new(udp)),
+            udp: None,
         }
     }
 
@@ -1082,33 +1080,20 @@ mod tests {
 
     fn record() -> RequestRecord {
         RequestRecord {
-            start_time: UNIX_EPOCH + Duration::from_millis(1_795_883_000_637),
-            started: Instant::now(),
-            protocol: "HTTP/3",
             downstream_remote: Some("127.0.0.1:54947".parse().unwrap()),
             downstream_local: Some("127.0.0.1:4433".parse().unwrap()),
-            connection_id: 7,
             requested_server_name: Some("localhost".into()),
             method: "CONNECT".into(),
             connect_protocol: Some("connect-udp".into()),
             path: Some("/.well-known/masque/udp/foo.lyft.com/80/".into()),
             authority: Some("proxy:4433".into()),
             scheme: Some("https".into()),
-            request_headers: HeaderMap::new(),
-            response_code: 0,
-            response_headers: HeaderMap::new(),
-            responded: None,
-            flags: 0,
-            details: None,
-            termination: None,
-            route_name: None,
-            upstream_cluster: None,
-            upstream_host: None,
-            upstream_local: None,
-            target: None,
-            tunnel: None,
-            ended: None,
-            udp: None,
+            ..RequestRecord::blank(
+                UNIX_EPOCH + Duration::from_millis(1_795_883_000_637),
+                Instant::now(),
+                "HTTP/3",
+                7,
+            )
         }
     }
 

@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use super::{check_name, name_error, type_error, Ctx, Slot, P};
+use super::{check_name, name_error, type_error, uint, Ctx, Slot, P};
 use crate::any::{ResourceMonitorConfig, DOWNSTREAM_CONNECTIONS_CONFIG};
-use crate::raw::{self, PortValue};
+use crate::raw;
 
 const DOWNSTREAM_CONNECTIONS_NAME: &str =
     "envoy.resource_monitors.global_downstream_max_connections";
@@ -24,21 +24,6 @@ pub(crate) const DEFAULT_H3_MAX_CONCURRENT_STREAMS: u32 = 100;
 pub(crate) const DEFAULT_H2_MAX_CONCURRENT_STREAMS: u32 = 100;
 /// The largest HTTP/2 `max_concurrent_streams` Envoy accepts.
 const H2_MAX_CONCURRENT_STREAMS_LIMIT: u64 = 2_147_483_647;
-
-/// A `uint32`/`int64` field within `min..=max`.
-fn uint(ctx: &mut Ctx, p: &P, v: Option<&PortValue>, min: u64, max: u64) -> Option<u64> {
-    match v? {
-        PortValue::Number(n) if (min..=max).contains(n) => Some(*n),
-        PortValue::Number(n) => {
-            ctx.err(p, format!("{n} is out of range: expected {min}..={max}"));
-            None
-        }
-        PortValue::Invalid(s) => {
-            ctx.err(p, format!("`{s}` is not an unsigned integer"));
-            None
-        }
-    }
-}
 
 /// `overload_manager`: the `envoy.resource_monitors.global_downstream_max_connections`
 /// monitor's `max_active_downstream_connections`, if configured.

@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
-use super::{check_name, name_error, type_error, Ctx, KnownClusters, Slot, P};
+use super::{check_name, name_error, type_error, uint, Ctx, KnownClusters, Slot, P};
 use crate::any::{HTTP_CAPSULE_SESSION_FILTER, UDP_PROXY, UDP_PROXY_ROUTE};
 use crate::model;
-use crate::raw::{self, ListenerFilterConfig, MatchActionConfig, PortValue, SessionFilterConfig};
+use crate::raw::{self, ListenerFilterConfig, MatchActionConfig, SessionFilterConfig};
 
 const UDP_PROXY_NAME: &str = "envoy.filters.udp_listener.udp_proxy";
 const HTTP_CAPSULE_NAME: &str = "envoy.filters.udp.session.http_capsule";
@@ -81,21 +81,6 @@ pub(super) fn build_listener_filters(
         }
     }
     out
-}
-
-/// A `uint32`/`UInt32Value` field within `range`.
-fn uint(ctx: &mut Ctx, p: &P, v: Option<&PortValue>, min: u64, max: u64) -> Option<u64> {
-    match v? {
-        PortValue::Number(n) if (min..=max).contains(n) => Some(*n),
-        PortValue::Number(n) => {
-            ctx.err(p, format!("{n} is out of range: expected {min}..={max}"));
-            None
-        }
-        PortValue::Invalid(s) => {
-            ctx.err(p, format!("`{s}` is not an unsigned integer"));
-            None
-        }
-    }
 }
 
 fn build_udp_proxy(
