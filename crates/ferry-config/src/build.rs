@@ -350,14 +350,15 @@ fn build_listener(
     };
 
     let up = p.f("udp_listener_config");
+    // The listener's own max_concurrent_streams, when set (else the HCM's, below).
+    let mut quic_streams = None;
     let quic = l.udp_listener_config.as_ref().and_then(|u| {
         ctx.unsupported(&up, u.unsupported_fields());
         u.quic_options.as_ref().map(|q| {
             let qp = up.f("quic_options");
             ctx.unsupported(&qp, q.unsupported_fields());
-            model::QuicOptions {
-                max_concurrent_streams: limits::quic_max_concurrent_streams(ctx, &qp, q),
-            }
+            quic_streams = limits::quic_max_concurrent_streams(ctx, &qp, q);
+            model::QuicOptions::default()
         })
     });
     // An unusable protocol (already reported): assume what the rest of the listener says.
@@ -428,6 +429,14 @@ fn build_listener(
         },
     };
 
+    // Streams per QUIC connection: the listener's setting (where Envoy reads it), else the
+    // HCM's `http3_protocol_options.quic_protocol_options` (which Envoy ignores downstream),
+    // else 100.
+    let quic = quic.map(|_| model::QuicOptions {
+        max_concurrent_streams: quic_streams
+            .or(filter_chain.hcm.h3_max_concurrent_streams)
+            .unwrap_or(limits::DEFAULT_H3_MAX_CONCURRENT_STREAMS),
+    });
     model::Listener {
         name,
         address,
@@ -755,6 +764,7 @@ fn placeholder_hcm() -> model::HttpConnectionManager {
         allow_connect: false,
         stream_idle_timeout: None,
         http2_max_concurrent_streams: limits::DEFAULT_H2_MAX_CONCURRENT_STREAMS,
+        h3_max_concurrent_streams: None,
         max_stream_duration: None,
         http_filters: Vec::new(),
         access_log: Vec::new(),
@@ -855,6 +865,13 @@ fn build_hcm(
         }
         None => false,
     };
+    let h3_max_concurrent_streams = limits::core_quic_max_concurrent_streams(
+        ctx,
+        &p.f("http3_protocol_options").f("quic_protocol_options"),
+        h.http3_protocol_options
+            .as_ref()
+            .and_then(|o| o.quic_protocol_options.as_ref()),
+    );
     let allow_connect = match &h.http2_protocol_options {
         Some(o) => {
             ctx.unsupported(&p.f("http2_protocol_options"), o.unsupported_fields());
@@ -892,6 +909,7 @@ fn build_hcm(
         allow_connect,
         stream_idle_timeout,
         http2_max_concurrent_streams,
+        h3_max_concurrent_streams,
         max_stream_duration,
         http_filters,
         access_log,

@@ -178,6 +178,10 @@ pub struct HttpConnectionManager {
     /// `http2_protocol_options.max_concurrent_streams` (Ferry's default: 100; Envoy's:
     /// 2147483647): streams (requests, tunnels) per HTTP/2 connection.
     pub http2_max_concurrent_streams: u32,
+    /// `http3_protocol_options.quic_protocol_options.max_concurrent_streams`, when set:
+    /// Ferry applies it to the listener's QUIC connections unless the listener's own
+    /// `quic_options` sets it (Envoy reads only the listener's).
+    pub h3_max_concurrent_streams: Option<u32>,
     /// `common_http_protocol_options.max_stream_duration`: a tunnel (any stream) ends this
     /// long after its request. None (absent or `0s`): no limit.
     pub max_stream_duration: Option<Duration>,

@@ -837,9 +837,10 @@ envoy_message! {
     /// `envoy.config.core.v3.Http3ProtocolOptions`.
     struct Http3ProtocolOptions {
         allow_extended_connect: Option<bool>,
+        quic_protocol_options: Option<CoreQuicProtocolOptions>,
     }
     unsupported [
-        quic_protocol_options, override_stream_error_on_invalid_http_message, allow_metadata,
+        override_stream_error_on_invalid_http_message, allow_metadata,
         disable_qpack, disable_connection_flow_control_for_streams,
     ]
 }

@@ -62,6 +62,7 @@ fn expected_terminate_h3() -> Bootstrap {
                     allow_connect: false,
                     stream_idle_timeout: Some(Duration::from_secs(300)),
                     http2_max_concurrent_streams: 100,
+                    h3_max_concurrent_streams: None,
                     max_stream_duration: None,
                     http_filters: vec!["envoy.filters.http.router".into()],
                     access_log: vec![],

@@ -182,3 +182,38 @@ fn http2_max_concurrent_streams_and_max_stream_duration() {
         format!("{HCM}.common_http_protocol_options.max_connection_duration")
     );
 }
+
+/// The path, `http3_protocol_options.quic_protocol_options.max_concurrent_streams`
+/// on the HCM, applies to the listener's QUIC connections when the listener's own
+/// `quic_options` does not set it (Envoy reads only the listener's: a documented
+/// difference); the listener's wins when both are set.
+#[test]
+fn hcm_quic_max_concurrent_streams() {
+    let hcm = |v: &str| {
+        edit(
+            &terminate_h3(),
+            "          http3_protocol_options:\n",
+            &format!("          http3_protocol_options:\n            quic_protocol_options:\n              max_concurrent_streams: {v}\n"),
+        )
+    };
+    let b = load_yaml(&hcm("7")).unwrap();
+    assert_eq!(
+        b.listeners[0].quic.as_ref().unwrap().max_concurrent_streams,
+        7
+    );
+    let both = edit(
+        &hcm("7"),
+        "      quic_options: {}\n",
+        "      quic_options:\n        quic_protocol_options:\n          max_concurrent_streams: 3\n",
+    );
+    let b = load_yaml(&both).unwrap();
+    assert_eq!(
+        b.listeners[0].quic.as_ref().unwrap().max_concurrent_streams,
+        3
+    );
+    let e = single_error(&hcm("0"));
+    assert_eq!(
+        e.path,
+        format!("{HCM}.http3_protocol_options.quic_protocol_options.max_concurrent_streams")
+    );
+}

@@ -199,6 +199,7 @@ mod tests {
             allow_connect: false,
             stream_idle_timeout: None,
             http2_max_concurrent_streams: 100,
+            h3_max_concurrent_streams: None,
             max_stream_duration: None,
             http_filters: vec!["envoy.filters.http.router".into()],
             access_log: vec![],

@@ -88,17 +88,29 @@ pub(super) fn build_overload_manager(
     limit
 }
 
-/// `udp_listener_config.quic_options.quic_protocol_options.max_concurrent_streams`.
+/// `udp_listener_config.quic_options.quic_protocol_options.max_concurrent_streams`, when
+/// set.
 pub(super) fn quic_max_concurrent_streams(
     ctx: &mut Ctx,
     p: &P,
     q: &raw::QuicProtocolOptions,
-) -> u32 {
-    let Some(o) = &q.quic_protocol_options else {
-        return DEFAULT_H3_MAX_CONCURRENT_STREAMS;
-    };
-    let p = p.f("quic_protocol_options");
-    ctx.unsupported(&p, o.unsupported_fields());
+) -> Option<u32> {
+    core_quic_max_concurrent_streams(
+        ctx,
+        &p.f("quic_protocol_options"),
+        q.quic_protocol_options.as_ref(),
+    )
+}
+
+/// `max_concurrent_streams` of a `config.core.v3.QuicProtocolOptions` at `p`, when set (the
+/// listener's, or the HCM's `http3_protocol_options.quic_protocol_options`).
+pub(super) fn core_quic_max_concurrent_streams(
+    ctx: &mut Ctx,
+    p: &P,
+    o: Option<&raw::CoreQuicProtocolOptions>,
+) -> Option<u32> {
+    let o = o?;
+    ctx.unsupported(p, o.unsupported_fields());
     uint(
         ctx,
         &p.f("max_concurrent_streams"),
@@ -107,7 +119,6 @@ pub(super) fn quic_max_concurrent_streams(
         u64::from(u32::MAX),
     )
     .and_then(|n| u32::try_from(n).ok())
-    .unwrap_or(DEFAULT_H3_MAX_CONCURRENT_STREAMS)
 }
 
 /// `http2_protocol_options.max_concurrent_streams`.
