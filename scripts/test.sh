@@ -20,21 +20,24 @@ fi
 log "Python venv (pinned: tests/interop/requirements.txt)"
 bash scripts/setup-venv.sh
 
-# tests/interop/test_faults.py puts netem on a network namespace's loopback: it needs `ip`
-# and `tc` (Debian's iproute2), root, and a kernel with sch_netem. Where any is missing that
-# test is reported SKIPPED with the reason (the userspace-impairer fault tests still run).
-log "iproute2 (ip, tc) for the network-namespace fault test"
+# tests/interop/test_faults.py impairs paths in the kernel, inside network namespaces it
+# makes: `tc netem` on a namespace's loopback (needs a kernel with sch_netem), and iptables'
+# `statistic` drops and TEE clones across a veth pair. They need `ip` and `tc` (Debian's
+# iproute2), `iptables` and root. Where any is missing that test is reported SKIPPED with the
+# reason (the userspace-impairer fault tests still run).
+log "iproute2 (ip, tc) and iptables for the network-namespace fault tests"
 PATH="$PATH:/usr/sbin:/sbin"
-if command -v ip >/dev/null && command -v tc >/dev/null; then
-  echo "ip and tc present"
-elif command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2; } ||
-    echo "could not install iproute2: the netns fault test will be SKIPPED"
-elif command -v apt-get >/dev/null && command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
-  { sudo -n apt-get update -qq && sudo -n DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2; } ||
-    echo "could not install iproute2: the netns fault test will be SKIPPED"
+if command -v ip >/dev/null && command -v tc >/dev/null && command -v iptables >/dev/null; then
+  echo "ip, tc and iptables present"
 else
-  echo "no ip/tc and no way to install iproute2: the netns fault test will be SKIPPED"
+  SUDO=""
+  [ "$(id -u)" = 0 ] || { command -v sudo >/dev/null && sudo -n true 2>/dev/null && SUDO="sudo -n"; }
+  if command -v apt-get >/dev/null && { [ "$(id -u)" = 0 ] || [ -n "$SUDO" ]; }; then
+    { $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 iptables; } ||
+      echo "could not install iproute2/iptables: the netns fault tests will be SKIPPED"
+  else
+    echo "no ip/tc/iptables and no way to install them: the netns fault tests will be SKIPPED"
+  fi
 fi
 
 if [ -z "${FERRY_SKIP_LINT:-}" ]; then

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import socket
 import ssl
@@ -405,6 +406,8 @@ class MasqueClient:
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         local = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+        if host != "localhost" and not ipaddress.ip_address(host).is_loopback:  # a veth address
+            local = "::" if family == socket.AF_INET6 else "0.0.0.0"
         quic = QuicConnection(configuration=config)
         transport, protocol = await loop.create_datagram_endpoint(
             lambda: MasqueProtocol(quic, h3_datagram=h3_datagram),

@@ -6,7 +6,8 @@ with the independent aioquic client (masque_client.py).
 - Impaired paths (loss, duplication, reordering, delay) between client and proxy and between
   proxy and target, with the userspace impairer of ``impair.py`` (runs on any machine), and
   again with ``tc netem`` in a network namespace where the kernel has ``sch_netem`` (else
-  that test is SKIPPED with the reason, never passed).
+  that test is SKIPPED with the reason, never passed), and with kernel loss and duplication
+  (iptables ``statistic`` DROP and TEE) in two namespaces joined by veth.
 - The next hop of a two-hop chain killed (SIGKILL: no CONNECTION_CLOSE) mid-traffic and
   restarted on the same port: the first hop's tunnels end (counted), new tunnels work.
 - A client that vanishes without closing anything: the stream idle timeout reclaims every
@@ -270,22 +271,120 @@ def _run(cmd: list[str], check: bool = True, timeout: float = 10.0) -> subproces
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=check)
 
 
-@pytest.fixture
-def netns():
-    """A fresh network namespace with lo up (unique name), deleted at teardown; SKIPPED
-    (with the reason) where namespaces cannot be made here."""
+def _new_netns(tag: str) -> str:
+    """A fresh network namespace with lo up (unique name); SKIPPED (with the reason) where
+    namespaces cannot be made here. The caller deletes it."""
     ip = shutil.which("ip") or "/usr/sbin/ip"
     if not os.path.exists(ip):
         pytest.skip("iproute2 `ip` not installed")
-    name = f"ferry-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    name = f"ferry-{tag}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     r = _run([ip, "netns", "add", name], check=False)
     if r.returncode != 0:
         pytest.skip(f"cannot create a network namespace: {r.stderr.strip()}")
+    _run([ip, "netns", "exec", name, ip, "link", "set", "lo", "up"])
+    return name
+
+
+@pytest.fixture
+def netns():
+    """A fresh network namespace with lo up, deleted at teardown."""
+    name = _new_netns("n")
     try:
-        _run([ip, "netns", "exec", name, ip, "link", "set", "lo", "up"])
         yield name
     finally:
-        _run([ip, "netns", "del", name], check=False)
+        _run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.fixture
+def veth_namespaces():
+    """Two namespaces, a client's and a proxy's, joined by a veth pair: the client is
+    VETH_CLIENT, the proxy VETH_PROXY. Yields (client_ns, proxy_ns); deleted at teardown."""
+    client = _new_netns("c")
+    try:
+        proxy = _new_netns("p")
+    except BaseException:
+        _run(["ip", "netns", "del", client], check=False)
+        raise
+    try:
+        tag = uuid.uuid4().hex[:6]
+        vc, vp = f"fvc{tag}", f"fvp{tag}"
+        r = _run(["ip", "link", "add", vc, "type", "veth", "peer", "name", vp], check=False)
+        if r.returncode != 0:
+            pytest.skip(f"cannot create a veth pair: {r.stderr.strip()}")
+        for dev, ns, addr in ((vc, client, VETH_CLIENT), (vp, proxy, VETH_PROXY)):
+            _run(["ip", "link", "set", dev, "netns", ns])
+            _run(["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev])
+            _run(["ip", "-n", ns, "link", "set", dev, "up"])
+        yield client, proxy
+    finally:
+        _run(["ip", "netns", "del", client], check=False)
+        _run(["ip", "netns", "del", proxy], check=False)
+
+
+class NsProxy:
+    """Ferry and the UDP echo target running inside a network namespace."""
+
+    def __init__(self, ns: str, workdir: Path, listen: str):
+        self.ns = ns
+        self.workdir = workdir
+        cfg = render_bootstrap("terminate-h3.yaml.in", workdir / f"netns-terminate-{ns}.yaml",
+                               PROXY_PORT=NS_PROXY_PORT, ECHO_PORT=NS_ECHO_PORT)
+        cfg.write_text(cfg.read_text().replace(
+            f"address: 127.0.0.1, port_value: {NS_PROXY_PORT}", f"address: {listen}, port_value: {NS_PROXY_PORT}"))
+        self.log_path = workdir / f"ferry-{ns}.log"
+        self.procs: list[subprocess.Popen] = []
+        try:
+            echo = subprocess.Popen([*self.exec_in(ns), sys.executable, str(REPO_ROOT / "scripts" / "udp-echo.py"),
+                                     str(NS_ECHO_PORT)], stdout=subprocess.PIPE, text=True)
+            self.procs.append(echo)
+            assert echo.stdout is not None and "listening" in echo.stdout.readline()
+            log = open(self.log_path, "wb")
+            self.ferry = subprocess.Popen([*self.exec_in(ns), str(FERRY_BIN), "-c", str(cfg), "--concurrency", "1",
+                                           "-l", "error"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+            self.procs.append(self.ferry)
+        except BaseException:
+            self.stop()
+            raise
+
+    @staticmethod
+    def exec_in(ns: str) -> list[str]:
+        return ["ip", "netns", "exec", ns]
+
+    def probe(self, count: int, pace: float, client_ns: str | None = None, host: str = "127.0.0.1") -> dict:
+        """fault_probe.py run in client_ns (default: the proxy's namespace): its JSON result."""
+        r = _run([*self.exec_in(client_ns or self.ns), sys.executable, str(HERE / "fault_probe.py"),
+                  "--host", host, "--port", str(NS_PROXY_PORT), "--count", str(count), "--pace", str(pace)],
+                 check=False, timeout=60)
+        assert r.returncode == 0, f"probe failed: {r.stdout}\n{r.stderr}"
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    def assert_alive(self) -> None:
+        assert self.ferry.poll() is None, self.log_path.read_text()
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.terminate()
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=5)
+
+
+def assert_impaired_then_clean(proxy: NsProxy, clear, client_ns: str | None = None,
+                               host: str = "127.0.0.1") -> tuple[dict, dict]:
+    """At least half of ECHOES echoes come back through the impaired paths, none foreign;
+    after clear() removes the impairment, all 20 of a second round do."""
+    impaired = proxy.probe(ECHOES, 0.005, client_ns, host)
+    proxy.assert_alive()
+    assert impaired["status"] == 200, impaired
+    assert impaired["foreign"] == 0, impaired
+    assert impaired["received"] >= MIN_DELIVERED * ECHOES, impaired
+    clear()
+    clean = proxy.probe(20, 0.05, client_ns, host)
+    assert clean["status"] == 200 and clean["received"] == 20, clean
+    proxy.assert_alive()
+    return impaired, clean
 
 
 def test_netem_in_namespace_keeps_tunnels_working_and_recovers(netns, workdir):
@@ -295,45 +394,67 @@ def test_netem_in_namespace_keeps_tunnels_working_and_recovers(netns, workdir):
     ``tc qdisc del`` all 20 of a second round do. SKIPPED where the kernel has no netem."""
     skip_if_missing("ferry")
     tc = shutil.which("tc") or "/usr/sbin/tc"
-    add = _run(["ip", "netns", "exec", netns, tc, "qdisc", "add", "dev", "lo", "root", *NETEM.split()],
-               check=False)
+    ns = NsProxy.exec_in(netns)
+    add = _run([*ns, tc, "qdisc", "add", "dev", "lo", "root", *NETEM.split()], check=False)
     if add.returncode != 0:
         pytest.skip(f"`tc qdisc add ... {NETEM}` failed (kernel without sch_netem?): {add.stderr.strip()}")
-    cfg = render_bootstrap("terminate-h3.yaml.in", workdir / "netns-terminate.yaml",
-                           PROXY_PORT=NS_PROXY_PORT, ECHO_PORT=NS_ECHO_PORT)
-    ns = ["ip", "netns", "exec", netns]
-    procs = []
+    proxy = NsProxy(netns, workdir, "127.0.0.1")
     try:
-        echo = subprocess.Popen([*ns, sys.executable, str(REPO_ROOT / "scripts" / "udp-echo.py"),
-                                 str(NS_ECHO_PORT)], stdout=subprocess.PIPE, text=True)
-        procs.append(echo)
-        assert echo.stdout is not None and "listening" in echo.stdout.readline()
-        log = open(workdir / "ferry-netns.log", "wb")
-        ferry = subprocess.Popen([*ns, str(FERRY_BIN), "-c", str(cfg), "--concurrency", "1", "-l", "error"],
-                                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
-        procs.append(ferry)
-
-        def probe(count: int, pace: float) -> dict:
-            r = _run([*ns, sys.executable, str(HERE / "fault_probe.py"), "--port", str(NS_PROXY_PORT),
-                      "--count", str(count), "--pace", str(pace)], check=False, timeout=60)
-            assert r.returncode == 0, f"probe failed: {r.stdout}\n{r.stderr}"
-            return json.loads(r.stdout.strip().splitlines()[-1])
-
-        impaired = probe(ECHOES, 0.005)
-        assert ferry.poll() is None, (workdir / "ferry-netns.log").read_text()
-        assert impaired["status"] == 200, impaired
-        assert impaired["foreign"] == 0, impaired
-        assert impaired["received"] >= MIN_DELIVERED * ECHOES, impaired
-        _run([*ns, tc, "qdisc", "del", "dev", "lo", "root"])
-        clean = probe(20, 0.05)
-        assert clean["status"] == 200 and clean["received"] == 20, clean
-        assert ferry.poll() is None
+        impaired, clean = assert_impaired_then_clean(
+            proxy, lambda: _run([*ns, tc, "qdisc", "del", "dev", "lo", "root"]))
         print(f"netem ({NETEM}): {impaired['received']}/{ECHOES}; clean: {clean['received']}/20")
     finally:
-        for p in procs:
-            p.terminate()
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=5)
+        proxy.stop()
+
+
+# Kernel impairment without netem: netfilter's `statistic` match drops (loss) and its TEE
+# target clones (duplication) a random share of the UDP packets entering each namespace.
+VETH_CLIENT = "10.231.0.1"
+VETH_PROXY = "10.231.0.2"
+KERNEL_LOSS = 0.05
+KERNEL_DUPLICATE = 0.05
+
+
+def test_kernel_loss_and_duplication_across_namespaces(veth_namespaces, workdir):
+    """Client and proxy in two network namespaces joined by veth, the target on the proxy
+    namespace's loopback. The kernel (iptables in each namespace) drops 5% and duplicates 5%
+    of the UDP packets entering either namespace, so the client-proxy path is impaired both
+    ways and the proxy-target path too (its loopback). At least half of 200 echoes come back,
+    none foreign; after the rules are flushed all 20 of a second round do. SKIPPED where
+    iptables is missing (scripts/test.sh installs it)."""
+    skip_if_missing("ferry")
+    iptables = shutil.which("iptables") or "/usr/sbin/iptables"
+    if not os.path.exists(iptables):
+        pytest.skip("iptables not installed")
+    client_ns, proxy_ns = veth_namespaces
+    for ns, own in ((client_ns, VETH_CLIENT), (proxy_ns, VETH_PROXY)):
+        ex = NsProxy.exec_in(ns)
+        _run([*ex, iptables, "-A", "INPUT", "-p", "udp", "-m", "statistic", "--mode", "random",
+              "--probability", str(KERNEL_LOSS), "-j", "DROP"])
+        _run([*ex, iptables, "-t", "mangle", "-A", "PREROUTING", "-p", "udp", "-m", "statistic",
+              "--mode", "random", "--probability", str(KERNEL_DUPLICATE), "-j", "TEE", "--gateway", own])
+
+    hits: dict[str, int] = {"DROP": 0, "TEE": 0}
+
+    def flush() -> None:
+        # Count what the kernel really dropped and cloned before the rules go: the impaired
+        # round must have been impaired.
+        for ns in (client_ns, proxy_ns):
+            ex = NsProxy.exec_in(ns)
+            for table in ("filter", "mangle"):
+                listing = _run([*ex, iptables, "-t", table, "-L", "-v", "-x", "-n"]).stdout
+                for line in listing.splitlines():
+                    cols = line.split()
+                    if len(cols) > 2 and cols[2] in hits:
+                        hits[cols[2]] += int(cols[0])
+                _run([*ex, iptables, "-t", table, "-F"])
+
+    proxy = NsProxy(proxy_ns, workdir, "0.0.0.0")
+    try:
+        impaired, clean = assert_impaired_then_clean(proxy, flush, client_ns, VETH_PROXY)
+        assert hits["DROP"] > 0 and hits["TEE"] > 0, hits
+        print(f"kernel loss {KERNEL_LOSS:.0%} + duplication {KERNEL_DUPLICATE:.0%} per namespace: "
+              f"{impaired['received']}/{ECHOES} echoed, packets dropped {hits['DROP']}, cloned "
+              f"{hits['TEE']}; clean: {clean['received']}/20")
+    finally:
+        proxy.stop()
