@@ -562,37 +562,44 @@ fn with_type(type_url: &str, inner: Value) -> Value {
 /// `/config_dump`: Envoy's `ConfigDump`.
 pub fn config_dump(b: &Bootstrap, loaded: SystemTime) -> Value {
     let updated = crate::accesslog::strftime("%Y-%m-%dT%H:%M:%E3SZ", loaded);
+    // One static entry of a ConfigDump section: `{KEY: {"@type": TYPE, ...}, "last_updated"}`.
+    let entry = |key: &str, type_url: &str, inner: Value| {
+        let mut m = Map::new();
+        m.insert(key.into(), with_type(type_url, inner));
+        m.insert("last_updated".into(), updated.clone().into());
+        Value::Object(m)
+    };
     let listeners: Vec<Value> = b
         .listeners
         .iter()
         .map(|l| {
-            json!({
-                "listener": with_type("type.googleapis.com/envoy.config.listener.v3.Listener", listener(l)),
-                "last_updated": updated,
-            })
+            entry(
+                "listener",
+                "type.googleapis.com/envoy.config.listener.v3.Listener",
+                listener(l),
+            )
         })
         .collect();
     let clusters: Vec<Value> = b
         .clusters
         .iter()
         .map(|c| {
-            json!({
-                "cluster": with_type("type.googleapis.com/envoy.config.cluster.v3.Cluster", cluster(c)),
-                "last_updated": updated,
-            })
+            entry(
+                "cluster",
+                "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+                cluster(c),
+            )
         })
         .collect();
     let routes: Vec<Value> = b
         .listeners
         .iter()
         .map(|l| {
-            json!({
-                "route_config": with_type(
-                    "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
-                    route_config(&l.filter_chain.hcm),
-                ),
-                "last_updated": updated,
-            })
+            entry(
+                "route_config",
+                "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+                route_config(&l.filter_chain.hcm),
+            )
         })
         .collect();
     json!({"configs": [

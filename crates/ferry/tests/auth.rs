@@ -33,20 +33,11 @@ fn basic_auth_filter(users: &str, extra: &str) -> String {
 
 /// The three-listener bootstrap (TLS TCP, QUIC, cleartext TCP) with a basic_auth filter.
 fn auth_bootstrap(cert: &TestCert, target: SocketAddr, users: &str, extra: &str) -> String {
-    multi_bootstrap(cert, "AUTO", TERMINATE_ROUTE_TCP, &static_cluster(target)).replace(
+    multi_bootstrap(cert, "AUTO", TERMINATE_ROUTE, &static_cluster(target)).replace(
         "          http_filters:\n",
         &basic_auth_filter(users, extra),
     )
 }
-
-const TERMINATE_ROUTE_TCP: &str = r#"              - match:
-                  connect_matcher: {}
-                route:
-                  cluster: target
-                  upgrade_configs:
-                  - upgrade_type: CONNECT-UDP
-                    connect_config: {}
-"#;
 
 fn h3_options(proxy: &Proxy) -> ferry::client::ClientOptions {
     ferry::client::ClientOptions {
@@ -347,7 +338,7 @@ fn mtls_bootstrap(cert: &TestCert, target: SocketAddr, ca_pem: &str) -> String {
             indent(ca_pem, n + 6)
         )
     };
-    multi_bootstrap(cert, "AUTO", TERMINATE_ROUTE_TCP, &static_cluster(target))
+    multi_bootstrap(cert, "AUTO", TERMINATE_ROUTE, &static_cluster(target))
         .replace(
             "          common_tls_context:\n            alpn_protocols:",
             &format!(
@@ -560,7 +551,7 @@ async fn mtls_trusted_untrusted_and_no_client_certificate_tcp_and_quic() {
 fn require_client_certificate_needs_a_validation_context() {
     let cert = test_cert();
     let target: SocketAddr = "127.0.0.1:9".parse().unwrap();
-    let yaml = multi_bootstrap(&cert, "AUTO", TERMINATE_ROUTE_TCP, &static_cluster(target))
+    let yaml = multi_bootstrap(&cert, "AUTO", TERMINATE_ROUTE, &static_cluster(target))
         .replace(
             "          downstream_tls_context:\n",
             "          downstream_tls_context:\n            require_client_certificate: true\n",
