@@ -116,12 +116,7 @@ fn example_over(protocol: &str, add: &str) -> String {
 
 fn tunneling(text: &str) -> UdpTunneling {
     let b = load(text).unwrap_or_else(|e| panic!("{e}"));
-    b.listeners[0]
-        .udp_proxy
-        .clone()
-        .unwrap()
-        .tunneling
-        .unwrap()
+    b.listeners[0].udp_proxy.clone().unwrap().tunneling.unwrap()
 }
 
 /// `use_post` (HTTP/2 only, as in Envoy), `post_path` (default `/`, Envoy's checks) and

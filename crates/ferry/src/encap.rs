@@ -518,7 +518,9 @@ impl Tunneling {
                 }
                 if self.post {
                     // Refused at load: POST tunnels are HTTP/2 only.
-                    return Err(format!("cluster {cluster}: POST tunnels need an HTTP/2 upstream"));
+                    return Err(format!(
+                        "cluster {cluster}: POST tunnels need an HTTP/2 upstream"
+                    ));
                 }
                 let pool = state.upstream.as_ref().ok_or_else(|| {
                     format!("cluster {cluster} has no HTTP/3 upstream (typed_extension_protocol_options)")

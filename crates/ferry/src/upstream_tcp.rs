@@ -193,12 +193,7 @@ pub struct TcpPool {
     config: UpstreamHttp,
     connect_timeout: Duration,
     tls: OnceCell<Option<tokio_rustls::TlsConnector>>,
-    h2: Mutex<
-        Vec<(
-            SocketAddr,
-            hyper::client::conn::http2::SendRequest<ReqBody>,
-        )>,
-    >,
+    h2: Mutex<Vec<(SocketAddr, hyper::client::conn::http2::SendRequest<ReqBody>)>>,
     pub stats: ClusterStats,
 }
 
