@@ -10,6 +10,9 @@
   inside QUIC (an aioquic HTTP/3 client and server; the inner packets are 1,200 bytes).
 - Differential: the session access log (Envoy's UDP operators) and plain UDP proxying (no
   tunneling_config), one bootstrap under Envoy 1.40 and under Ferry, fields compared.
+- Differential: POST tunnels (`use_post`, `post_path`, `propagate_response_trailers`) under
+  Envoy 1.40 and Ferry against one Python `h2` POST server: the request it saw and the
+  session log's response headers and trailers compared.
 """
 
 from __future__ import annotations
