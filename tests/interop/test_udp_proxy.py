@@ -10,6 +10,9 @@
   inside QUIC (an aioquic HTTP/3 client and server; the inner packets are 1,200 bytes).
 - Differential: the session access log (Envoy's UDP operators) and plain UDP proxying (no
   tunneling_config), one bootstrap under Envoy 1.40 and under Ferry, fields compared.
+- Differential: POST tunnels (`use_post`, `post_path`, `propagate_response_trailers`) under
+  Envoy 1.40 and Ferry against one Python `h2` POST server: the request it saw and the
+  session log's response headers and trailers compared.
 """
 
 from __future__ import annotations
@@ -435,3 +438,225 @@ def test_plain_udp_proxy_matches_envoy(spawn_proxy, workdir):
         assert ferry["upstream_host"] == f"127.0.0.1:{target.port}"
     finally:
         target.close()
+
+
+# --------------------------------------------------------------------------- POST tunnels
+
+
+class H2PostTunnelServer:
+    """A cleartext HTTP/2 server (Python `h2`) for `use_post` tunnels: records each request's
+    headers (pseudo-headers included), answers 200, echoes every DATAGRAM capsule of the
+    request body in the response body, and after echoing the UDP payload `end` ends the
+    response with trailers (`x-tunnel-end: bye`)."""
+
+    END = b"end"
+    TRAILERS = [("x-tunnel-end", "bye"), ("x-tunnel-count", "2")]
+
+    def __init__(self) -> None:
+        import threading
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.requests: list[list[tuple[str, str]]] = []
+        self.lock = threading.Lock()
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+        while not self.closed:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _varint(buf: bytes, i: int) -> tuple[int, int] | None:
+        if i >= len(buf):
+            return None
+        n = 1 << (buf[i] >> 6)
+        if i + n > len(buf):
+            return None
+        v = buf[i] & 0x3F
+        for b in buf[i + 1:i + n]:
+            v = (v << 8) | b
+        return v, i + n
+
+    def _serve(self, conn: socket.socket) -> None:
+        import h2.config
+        import h2.connection
+        import h2.events
+        h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False,
+                                                                  header_encoding="utf-8"))
+        h2c.initiate_connection()
+        conn.sendall(h2c.data_to_send())
+        pending: dict[int, bytes] = {}
+        ended: set[int] = set()
+        try:
+            while True:
+                data = conn.recv(65535)
+                if not data:
+                    return
+                for ev in h2c.receive_data(data):
+                    if isinstance(ev, h2.events.RequestReceived):
+                        with self.lock:
+                            self.requests.append([(k, v) for k, v in ev.headers])
+                        pending[ev.stream_id] = b""
+                        h2c.send_headers(ev.stream_id, [(":status", "200"), ("x-post-server", "yes")])
+                    elif isinstance(ev, h2.events.DataReceived):
+                        h2c.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                        if ev.stream_id in ended:
+                            continue
+                        buf = pending.get(ev.stream_id, b"") + ev.data
+                        while True:  # one whole capsule at a time
+                            t = self._varint(buf, 0)
+                            ln = t and self._varint(buf, t[1])
+                            if not ln or ln[1] + ln[0] > len(buf):
+                                break
+                            capsule, payload = buf[:ln[1] + ln[0]], buf[ln[1]:ln[1] + ln[0]]
+                            buf = buf[len(capsule):]
+                            h2c.send_data(ev.stream_id, capsule)
+                            if t[0] == 0 and payload[1:] == self.END:
+                                h2c.send_headers(ev.stream_id, self.TRAILERS, end_stream=True)
+                                ended.add(ev.stream_id)
+                                break
+                        pending[ev.stream_id] = buf
+                conn.sendall(h2c.data_to_send())
+        except Exception:  # the peer reset or closed: this connection is done
+            return
+        finally:
+            conn.close()
+
+    def seen(self) -> list[dict[str, str]]:
+        with self.lock:
+            return [dict(r) for r in self.requests]
+
+    def close(self) -> None:
+        self.closed = True
+        self.sock.close()
+
+
+POST_UDP_PROXY = """\
+admin:
+  address:
+    socket_address: {{ address: 127.0.0.1, port_value: 0 }}
+static_resources:
+  listeners:
+  - name: udp_in
+    address:
+      socket_address: {{ protocol: UDP, address: 127.0.0.1, port_value: 0 }}
+    listener_filters:
+    - name: envoy.filters.udp_listener.udp_proxy
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.UdpProxyConfig
+        stat_prefix: post
+        idle_timeout: 5s
+        matcher:
+          on_no_match:
+            action:
+              name: route
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.Route
+                cluster: post_proxy
+        session_filters:
+        - name: envoy.filters.udp.session.http_capsule
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.session.http_capsule.v3.FilterConfig
+        tunneling_config:
+          proxy_host: tunnel.example
+          proxy_port: 8443
+          target_host: localhost
+          default_target_port: 9000
+          use_post: true
+          post_path: /tunnel
+          headers_to_add:
+          - header: {{ key: x-tunnel-from, value: udp-proxy }}
+          buffer_options: {{}}
+          propagate_response_headers: true
+          propagate_response_trailers: true
+        access_log:
+        - name: envoy.access_loggers.file
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+            path: {log}
+            log_format:
+              json_format:
+{fields}
+  clusters:
+  - name: post_proxy
+    type: STATIC
+    connect_timeout: 2s
+    load_assignment:
+      cluster_name: post_proxy
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{ address: 127.0.0.1, port_value: {port} }}
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config:
+          http2_protocol_options: {{}}
+"""
+
+
+def test_use_post_tunnel_matches_envoy(spawn_proxy, workdir):
+    """Differential: a udp_proxy with `use_post: true`, `post_path: /tunnel` and
+    `propagate_response_trailers: true` under Envoy 1.40 and under Ferry, against the same
+    HTTP/2 POST server: the request it sees (method, path, authority, scheme, headers; no
+    `:protocol`, no `capsule-protocol`), the echo, and the response headers and trailers in
+    the session access log's FILTER_STATE fields must agree."""
+    import json
+    log_fields = dict(SESSION_LOG_FIELDS)
+    log_fields["trailers"] = "%FILTER_STATE(envoy.udp_proxy.propagate_response_trailers:TYPED)%"
+    fields = "\n".join(f"                {k}: {json.dumps(v)}" for k, v in log_fields.items())
+    records, requests = {}, {}
+    for impl in ["envoy", "ferry"]:
+        server = H2PostTunnelServer()
+        try:
+            log = workdir / f"{impl}-post.log"
+            config = workdir / f"{impl}-post.yaml"
+            config.write_text(POST_UDP_PROXY.format(log=log, fields=fields, port=server.port))
+            udp = spawn_proxy(impl, f"{impl}-post", config=config)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.settimeout(WAIT)
+                s.bind(("127.0.0.1", 0))
+                for payload in [b"first!", H2PostTunnelServer.END]:
+                    s.sendto(payload, ("127.0.0.1", udp.listener_port))
+                    assert s.recvfrom(65535)[0] == payload, udp.log_tail()
+            # The trailers end the tunnel, and with it the session.
+            lines = session_log_lines(log, 1)
+            assert len(lines) == 1, f"{impl}: {lines}\n{udp.log_tail()}"
+            records[impl] = lines[0]
+            requests[impl] = server.seen()
+            assert len(requests[impl]) == 1, f"{impl}: {requests[impl]}"
+        finally:
+            server.close()
+    print(json.dumps({"records": records, "requests": requests}, indent=1))
+    for impl, seen in requests.items():
+        req = seen[0]
+        assert req[":method"] == "POST", f"{impl}: {req}"
+        assert req[":path"] == "/tunnel", f"{impl}: {req}"
+        assert req[":authority"] == "tunnel.example:8443", f"{impl}: {req}"
+        assert req[":scheme"] == "http", f"{impl}: {req}"
+        assert ":protocol" not in req, f"{impl}: {req}"
+        assert "capsule-protocol" not in req, f"{impl}: {req}"
+        assert req["x-tunnel-from"] == "udp-proxy", f"{impl}: {req}"
+        end = records[impl]
+        assert end["type"] == "UdpSessionEnd", f"{impl}: {end}"
+        assert end["trailers"] == {"headers": [{"key": k, "value": v}
+                                               for k, v in H2PostTunnelServer.TRAILERS]}, \
+            f"{impl}: {end}"
+        headers = end["headers"]["headers"]
+        assert headers[0] == {"key": ":status", "value": "200"}, f"{impl}: {end}"
+        assert {"key": "x-post-server", "value": "yes"} in headers, f"{impl}: {end}"
+    envoy, ferry = records["envoy"], records["ferry"]
+    # The very same request (pseudo-headers and headers; the order aside).
+    assert requests["envoy"] == requests["ferry"], requests
+    for key in ["type", "attempts", "flags", "bytes_received", "bytes_sent", "cluster_name",
+                "datagrams_received", "datagrams_sent", "errors_sent", "headers", "trailers"]:
+        assert envoy[key] == ferry[key], f"{key}: envoy {envoy} ferry {ferry}"
+    assert (ferry["datagrams_received"], ferry["datagrams_sent"]) == (2, 2)

@@ -175,8 +175,7 @@ pub(crate) fn build(raw: &raw::Bootstrap) -> Result<model::Bootstrap, Vec<Config
         defined,
         proxies: clusters
             .iter()
-            .filter(|c: &&model::Cluster| c.upstream.is_some())
-            .map(|c| c.name.clone())
+            .filter_map(|c: &model::Cluster| Some((c.name.clone(), c.upstream.as_ref()?.protocol)))
             .collect(),
     };
     let mut listeners = Vec::with_capacity(sr.listeners.len());
@@ -323,8 +322,9 @@ fn build_admin(ctx: &mut Ctx, p: &P, admin: &raw::Admin) -> Option<model::Admin>
 struct KnownClusters<'a> {
     /// Every cluster name (a cluster that failed validation still counts as defined).
     defined: HashSet<&'a str>,
-    /// Clusters that are CONNECT-UDP proxies (HTTP/3, HTTP/2 or HTTP/1.1 protocol options).
-    proxies: HashSet<String>,
+    /// Clusters that are CONNECT-UDP proxies (HTTP/3, HTTP/2 or HTTP/1.1 protocol options),
+    /// with the HTTP version they are reached with.
+    proxies: HashMap<String, model::UpstreamProtocol>,
 }
 
 fn build_listener(

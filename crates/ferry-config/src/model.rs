@@ -89,6 +89,13 @@ pub struct UdpTunneling {
     /// `propagate_response_headers`: the proxy's response headers are kept for the access
     /// log (`%FILTER_STATE(envoy.udp_proxy.propagate_response_headers)%`).
     pub propagate_response_headers: bool,
+    /// `propagate_response_trailers`: the trailers that end the proxy's response are kept
+    /// for the access log (`%FILTER_STATE(envoy.udp_proxy.propagate_response_trailers)%`).
+    pub propagate_response_trailers: bool,
+    /// `use_post` with `post_path` (default `/`): each tunnel is a `POST` to this path
+    /// (HTTP/2 upstreams only), capsules in the request and response bodies, instead of an
+    /// extended CONNECT. None: CONNECT-UDP.
+    pub post_path: Option<String>,
 }
 
 /// `tunneling_config.buffer_options` (Envoy's defaults: 1024 datagrams, 16384 bytes).

@@ -442,8 +442,10 @@ envoy_message! {
         buffer_options: Option<BufferOptions>,
         propagate_response_headers: Option<bool>,
         propagate_response_trailers: Option<bool>,
+        use_post: Option<bool>,
+        post_path: Option<String>,
     }
-    unsupported [use_post, post_path]
+    unsupported []
 }
 
 envoy_message! {

@@ -102,24 +102,91 @@ fn defaults_are_envoys() {
     );
 }
 
+/// The example with `add` (tunneling_config lines) and its cluster reached over
+/// `protocol` (`http2_protocol_options: {}` or `http_protocol_options: {}`), cleartext.
+fn example_over(protocol: &str, add: &str) -> String {
+    let text = edit(
+        &example(),
+        "          proxy_port: 4433\n",
+        &format!("          proxy_port: 4433\n{add}"),
+    );
+    let cut = text.find("          http3_protocol_options:").unwrap();
+    format!("{}          {protocol}\n", &text[..cut])
+}
+
+fn tunneling(text: &str) -> UdpTunneling {
+    let b = load(text).unwrap_or_else(|e| panic!("{e}"));
+    b.listeners[0].udp_proxy.clone().unwrap().tunneling.unwrap()
+}
+
+/// `use_post` (HTTP/2 only, as in Envoy), `post_path` (default `/`, Envoy's checks) and
+/// `propagate_response_trailers`.
 #[test]
-fn unsupported_fields_are_named() {
-    for (add, path) in [
-        ("          use_post: true\n", "tunneling_config.use_post"),
+fn use_post_post_path_and_trailers() {
+    let h2 = "http2_protocol_options: {}";
+    let t = tunneling(&example_over(h2, "          use_post: true\n"));
+    assert_eq!(t.post_path.as_deref(), Some("/"));
+    assert!(!t.propagate_response_trailers);
+    let t = tunneling(&example_over(
+        h2,
+        "          use_post: true\n          post_path: /tunnel\n          propagate_response_trailers: true\n",
+    ));
+    assert_eq!(t.post_path.as_deref(), Some("/tunnel"));
+    assert!(t.propagate_response_trailers);
+    // Without use_post: CONNECT-UDP; trailers accepted (only POST tunnels carry them).
+    let t = tunneling(&example_over(
+        h2,
+        "          use_post: false\n          propagate_response_trailers: true\n",
+    ));
+    assert_eq!(t.post_path, None);
+    assert!(t.propagate_response_trailers);
+    let t = tunneling(&edit(
+        &example(),
+        "          proxy_port: 4433\n",
+        "          proxy_port: 4433\n          propagate_response_trailers: true\n",
+    ));
+    assert!(t.propagate_response_trailers);
+
+    // Envoy's own refusals (the same messages as `envoy --mode validate`).
+    let e = first_error(&example_over(h2, "          post_path: /tunnel\n"));
+    assert_eq!(e.path, format!("{F}.tunneling_config.post_path"));
+    assert!(e.message.contains("can't set a post path"), "{e}");
+    let e = first_error(&example_over(
+        h2,
+        "          use_post: true\n          post_path: tunnel\n",
+    ));
+    assert_eq!(e.path, format!("{F}.tunneling_config.post_path"));
+    assert!(e.message.contains("must start with '/'"), "{e}");
+    let e = first_error(&example_over(
+        h2,
+        "          use_post: true\n          post_path: \"/a b\"\n",
+    ));
+    assert_eq!(e.path, format!("{F}.tunneling_config.post_path"));
+
+    // POST tunnels over HTTP/3 or HTTP/1.1: refused, naming the field and the version.
+    for (text, version) in [
         (
-            "          propagate_response_trailers: true\n",
-            "tunneling_config.propagate_response_trailers",
+            edit(
+                &example(),
+                "          proxy_port: 4433\n",
+                "          proxy_port: 4433\n          use_post: true\n",
+            ),
+            "HTTP/3",
+        ),
+        (
+            example_over("http_protocol_options: {}", "          use_post: true\n"),
+            "HTTP/1.1",
         ),
     ] {
-        let text = edit(
-            &example(),
-            "          proxy_port: 4433\n",
-            &format!("          proxy_port: 4433\n{add}"),
-        );
         let e = first_error(&text);
-        assert_eq!(e.path, format!("{F}.{path}"));
-        assert!(e.message.contains("not supported by Ferry (yet)"), "{e}");
+        assert_eq!(e.path, format!("{F}.tunneling_config.use_post"), "{e}");
+        assert!(e.message.contains(version), "{e}");
+        assert!(e.message.contains("HTTP/2 upstream"), "{e}");
     }
+}
+
+#[test]
+fn unsupported_fields_are_named() {
     let text = edit(
         &example(),
         "        stat_prefix: udp_tunnel\n",

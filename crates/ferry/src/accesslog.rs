@@ -180,6 +180,8 @@ pub struct UdpSessionLog {
     pub attempts: u32,
     /// The last attempt's response (`propagate_response_headers`): status and headers.
     pub response_headers: Option<(u16, HeaderMap)>,
+    /// The trailers that ended it (`propagate_response_trailers`).
+    pub response_trailers: Option<HeaderMap>,
 }
 
 impl RequestRecord {
@@ -568,14 +570,27 @@ fn udp_metadata(r: &RequestRecord) -> Option<serde_json::Map<String, serde_json:
 /// (an `envoy.config.core.v3.HeaderMap`, `:status` first).
 fn response_headers_state(r: &RequestRecord) -> Option<serde_json::Value> {
     let (status, headers) = r.udp.as_deref()?.response_headers.as_ref()?;
-    let mut list = vec![serde_json::json!({"key": ":status", "value": status.to_string()})];
+    let status = serde_json::json!({"key": ":status", "value": status.to_string()});
+    Some(header_map_state(Some(status), headers))
+}
+
+/// Envoy's `envoy.udp_proxy.propagate_response_trailers` filter state: the same shape,
+/// without a status.
+fn response_trailers_state(r: &RequestRecord) -> Option<serde_json::Value> {
+    let trailers = r.udp.as_deref()?.response_trailers.as_ref()?;
+    Some(header_map_state(None, trailers))
+}
+
+/// `{"headers": [{"key": ..., "value": ...}, ...]}` (`first`, then `headers` in order).
+fn header_map_state(first: Option<serde_json::Value>, headers: &HeaderMap) -> serde_json::Value {
+    let mut list: Vec<serde_json::Value> = first.into_iter().collect();
     for (k, v) in headers {
         list.push(serde_json::json!({
             "key": k.as_str(),
             "value": String::from_utf8_lossy(v.as_bytes()),
         }));
     }
-    Some(serde_json::json!({ "headers": list }))
+    serde_json::json!({ "headers": list })
 }
 
 fn ms(d: Duration) -> u64 {
@@ -642,10 +657,15 @@ fn evaluate(op: &Operator, r: &RequestRecord) -> Val {
         Operator::ConnectionId => Val::Num(r.connection_id),
         Operator::Hostname => Val::Text(hostname().to_owned()),
         Operator::FilterState { key, .. } => {
-            if key != ferry_config::format::UDP_FILTER_STATE_KEYS[0] {
-                return Val::None;
-            }
-            response_headers_state(r).map_or(Val::None, Val::Json)
+            let [headers, trailers] = ferry_config::format::UDP_FILTER_STATE_KEYS;
+            let state = if key == headers {
+                response_headers_state(r)
+            } else if key == trailers {
+                response_trailers_state(r)
+            } else {
+                None
+            };
+            state.map_or(Val::None, Val::Json)
         }
         Operator::UpstreamRequestAttemptCount => r
             .udp

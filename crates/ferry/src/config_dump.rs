@@ -248,6 +248,13 @@ fn udp_proxy(u: &ferry_config::UdpProxy) -> Value {
         if t.propagate_response_headers {
             m.insert("propagate_response_headers".into(), json!(true));
         }
+        if t.propagate_response_trailers {
+            m.insert("propagate_response_trailers".into(), json!(true));
+        }
+        if let Some(path) = &t.post_path {
+            m.insert("use_post".into(), json!(true));
+            m.insert("post_path".into(), json!(path));
+        }
         if let Some(b) = t.buffer {
             m.insert(
                 "buffer_options".into(),

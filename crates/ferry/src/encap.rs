@@ -78,6 +78,9 @@ pub struct SessionLogging {
     pub flush_interval: Option<Duration>,
     /// `propagate_response_headers`: keep the proxy's response headers for the log.
     pub propagate_response_headers: bool,
+    /// `propagate_response_trailers`: keep the trailers that end the proxy's response
+    /// (POST tunnels; see `upstream_tcp.rs`).
+    pub propagate_response_trailers: bool,
     /// The listener's address (`%DOWNSTREAM_LOCAL_ADDRESS%`).
     pub local: Option<SocketAddr>,
     /// The cluster (`udp.proxy.session:cluster_name`).
@@ -169,9 +172,13 @@ pub enum Upstream {
 /// Everything a listener's sessions share.
 pub struct Tunneling {
     pub upstream: Upstream,
-    /// `/.well-known/masque/udp/{target_host}/{target_port}/` (or a user's template).
+    /// `/.well-known/masque/udp/{target_host}/{target_port}/` (or a user's template); with
+    /// `post`, the `post_path`.
     pub path: String,
-    /// Extra request headers (`headers_to_add`); `capsule-protocol: ?1` is always sent.
+    /// `use_post`: each tunnel is an HTTP/2 `POST` to `path` (Envoy's), not CONNECT-UDP.
+    pub post: bool,
+    /// Extra request headers (`headers_to_add`); `capsule-protocol: ?1` is sent with every
+    /// CONNECT-UDP request (not with a POST, as in Envoy).
     pub headers: Vec<(String, String)>,
     /// The target as people read it, for log lines.
     pub target: String,
@@ -194,6 +201,21 @@ pub trait UpstreamTunnel: Send {
     fn recv_udp(&mut self) -> impl std::future::Future<Output = Received> + Send;
     /// End the tunnel cleanly.
     fn finish(&mut self) -> impl std::future::Future<Output = ()> + Send;
+    /// The trailers that ended the proxy's response, where the tunnel carries them.
+    fn take_trailers(&mut self) -> Option<HeaderMap> {
+        None
+    }
+}
+
+/// A stream half that may have received trailers.
+pub trait ResponseTrailers {
+    fn take_trailers(&mut self) -> Option<HeaderMap>;
+}
+
+impl ResponseTrailers for crate::upstream_tcp::TcpRecv {
+    fn take_trailers(&mut self) -> Option<HeaderMap> {
+        crate::upstream_tcp::TcpRecv::take_trailers(self)
+    }
 }
 
 impl UpstreamTunnel for ClientTunnel {
@@ -228,7 +250,7 @@ impl<R: StreamRecv, S: StreamSend> CapsuleTunnel<R, S> {
     }
 }
 
-impl<R: StreamRecv, S: StreamSend> UpstreamTunnel for CapsuleTunnel<R, S> {
+impl<R: StreamRecv + ResponseTrailers, S: StreamSend> UpstreamTunnel for CapsuleTunnel<R, S> {
     async fn send_udp(&mut self, payload: Bytes) -> Result<Encoding, String> {
         let mut out = BytesMut::with_capacity(capsule::MAX_HEADER_LEN + 1 + payload.len());
         let mut body = BytesMut::with_capacity(1 + payload.len());
@@ -278,6 +300,10 @@ impl<R: StreamRecv, S: StreamSend> UpstreamTunnel for CapsuleTunnel<R, S> {
 
     async fn finish(&mut self) {
         self.send.finish().await;
+    }
+
+    fn take_trailers(&mut self) -> Option<HeaderMap> {
+        self.recv.take_trailers()
     }
 }
 
@@ -358,6 +384,7 @@ async fn open_tcp(
     authority: &str,
     path: &str,
     headers: &[(&str, &str)],
+    post: bool,
 ) -> Result<Opened, String> {
     let mut map = HeaderMap::new();
     for (k, v) in headers {
@@ -366,9 +393,16 @@ async fn open_tcp(
         let value = http::HeaderValue::from_str(v).map_err(|e| format!("header {k}: {e}"))?;
         map.append(name, value);
     }
+    let answer = async {
+        if post {
+            pool.open_post(addr, authority, path, &map).await
+        } else {
+            pool.open(addr, authority, path, &map).await
+        }
+    };
     let answer = tokio::time::timeout(
         pool.connect_timeout() + crate::forward::RESPONSE_TIMEOUT,
-        pool.open(addr, authority, path, &map),
+        answer,
     )
     .await
     .map_err(|_| format!("proxy {addr} sent no response"))?
@@ -397,9 +431,12 @@ async fn open_tcp(
 }
 
 impl Tunneling {
-    /// The request headers: `capsule-protocol: ?1` and `headers_to_add`.
+    /// The request headers: `capsule-protocol: ?1` (CONNECT-UDP only) and `headers_to_add`.
     fn request_headers(&self) -> Vec<(&str, &str)> {
-        let mut h = vec![("capsule-protocol", "?1")];
+        let mut h = Vec::with_capacity(1 + self.headers.len());
+        if !self.post {
+            h.push(("capsule-protocol", "?1"));
+        }
         h.extend(self.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         h
     }
@@ -431,7 +468,7 @@ impl Tunneling {
                 authority,
                 pool,
             } => Ok((
-                open_tcp(pool, *proxy, authority, &self.path, &headers).await?,
+                open_tcp(pool, *proxy, authority, &self.path, &headers, self.post).await?,
                 *proxy,
             )),
             Upstream::PlainUdp { clusters, cluster } => {
@@ -475,8 +512,15 @@ impl Tunneling {
                     let addr = state
                         .pick()
                         .map_err(|e| format!("cluster {cluster}: no host ({e:?})"))?;
-                    let opened = open_tcp(pool, addr, authority, &self.path, &headers).await?;
+                    let opened =
+                        open_tcp(pool, addr, authority, &self.path, &headers, self.post).await?;
                     return Ok((opened, addr));
+                }
+                if self.post {
+                    // Refused at load: POST tunnels are HTTP/2 only.
+                    return Err(format!(
+                        "cluster {cluster}: POST tunnels need an HTTP/2 upstream"
+                    ));
                 }
                 let pool = state.upstream.as_ref().ok_or_else(|| {
                     format!("cluster {cluster} has no HTTP/3 upstream (typed_extension_protocol_options)")
@@ -552,6 +596,8 @@ struct SessionInfo {
     exhausted: bool,
     upstream_host: Option<SocketAddr>,
     response_headers: Option<(u16, HeaderMap)>,
+    /// The trailers that ended the proxy's response (`propagate_response_trailers`).
+    response_trailers: Option<HeaderMap>,
     /// Ended by `idle_timeout` (Envoy's flag `SI`).
     idle_timeout: bool,
 }
@@ -574,6 +620,7 @@ impl SessionInfo {
             errors_sent: g(&shared.tx_errors),
             attempts: self.attempts,
             response_headers: self.response_headers.clone(),
+            response_trailers: self.response_trailers.clone(),
         };
         let local = l.local.unwrap_or(self.peer);
         let mut r = RequestRecord::udp_session(
@@ -641,6 +688,7 @@ pub async fn run(socket: UdpSocket, config: EncapConfig) -> Result<(), String> {
     let tunneling = Arc::new(Tunneling {
         upstream,
         path: config.path,
+        post: false,
         headers: Vec::new(),
         target: config.target,
         settings: SessionSettings {
@@ -804,6 +852,7 @@ async fn session(
         exhausted: false,
         upstream_host: None,
         response_headers: None,
+        response_trailers: None,
         idle_timeout: false,
     };
     let Some((opened, via)) = connect(peer, &t, &mut info).await else {
@@ -838,15 +887,18 @@ async fn session(
         shared: &shared,
         info: &info,
     };
-    let (why, summary) = match opened {
+    let (why, summary, trailers) = match opened {
         Opened::H3(tunnel) => relay(&ctx, *tunnel, &mut from_peer).await,
         Opened::Plain(tunnel) => relay(&ctx, *tunnel, &mut from_peer).await,
         Opened::Tcp {
             tunnel: Some(tunnel),
             ..
         } => relay(&ctx, *tunnel, &mut from_peer).await,
-        Opened::Tcp { tunnel: None, .. } => ("no tunnel", "no tunnel".to_string()),
+        Opened::Tcp { tunnel: None, .. } => ("no tunnel", "no tunnel".to_string(), None),
     };
+    if t.logging.propagate_response_trailers {
+        info.response_trailers = trailers;
+    }
     // Envoy flags `SI` on tunnelled sessions only.
     info.idle_timeout = why == IDLE && !plain;
     tracing::debug!(%peer, "{summary}");
@@ -868,12 +920,13 @@ struct Relay<'a> {
     info: &'a SessionInfo,
 }
 
-/// Relay until the tunnel ends or the session is idle; returns a one-line summary.
+/// Relay until the tunnel ends or the session is idle; returns why, a one-line summary
+/// and the trailers that ended the proxy's response (if any).
 async fn relay(
     ctx: &Relay<'_>,
     mut tunnel: impl UpstreamTunnel,
     from_peer: &mut mpsc::Receiver<Bytes>,
-) -> (&'static str, String) {
+) -> (&'static str, String, Option<HeaderMap>) {
     let (peer, socket, t, shared) = (ctx.peer, ctx.socket, ctx.t, ctx.shared);
     let stats = &t.stats;
     let (mut sent, mut received, mut dropped) = (0u64, 0u64, 0u64);
@@ -940,10 +993,11 @@ async fn relay(
         }
     };
     tunnel.finish().await;
+    let trailers = tunnel.take_trailers();
     let summary = format!(
         "{why}: {sent} datagrams sent, {received} received, {dropped} dropped; listener totals: {} dropped (buffer full), {} dropped (send failed)",
         stats.sess_tunnel_buffer_overflow.get(),
         stats.sess_tx_errors.get(),
     );
-    (why, summary)
+    (why, summary, trailers)
 }

@@ -66,6 +66,7 @@ impl UdpProxyListener {
             on_tunnel_connected: config.flush_access_log_on_tunnel_connected,
             flush_interval: config.access_log_flush_interval,
             propagate_response_headers: false,
+            propagate_response_trailers: false,
             local: Some(local_addr),
             cluster: config.cluster.clone(),
         };
@@ -73,14 +74,19 @@ impl UdpProxyListener {
         let tunneling = match &config.tunneling {
             Some(t) => {
                 logging.propagate_response_headers = t.propagate_response_headers;
+                logging.propagate_response_trailers = t.propagate_response_trailers;
                 Tunneling {
                     upstream: Upstream::Cluster {
                         clusters,
                         cluster: config.cluster.clone(),
                         authority: authority(&t.proxy_host, t.proxy_port),
                     },
-                    path: UriTemplate::default_template()
-                        .expand_path(&t.target_host, t.default_target_port),
+                    path: match &t.post_path {
+                        Some(p) => p.clone(),
+                        None => UriTemplate::default_template()
+                            .expand_path(&t.target_host, t.default_target_port),
+                    },
+                    post: t.post_path.is_some(),
                     headers: t.headers_to_add.clone(),
                     target: format!("{}:{}", t.target_host, t.default_target_port),
                     settings: SessionSettings {
@@ -101,6 +107,7 @@ impl UdpProxyListener {
                     cluster: config.cluster.clone(),
                 },
                 path: String::new(),
+                post: false,
                 headers: Vec::new(),
                 target: config.cluster.clone(),
                 settings: SessionSettings {

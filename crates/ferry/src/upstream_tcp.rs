@@ -8,29 +8,161 @@
 //!   section 3.2); the upgrade consumes the connection, so there is nothing to pool.
 //!
 //! Either way the tunnel is a byte stream carrying capsules (RFC 9297 section 3.5).
+//!
+//! - HTTP/2 `POST` tunnels (udp_proxy `use_post`, as Envoy's): a `POST` to `post_path`, any
+//!   2xx accepts; the capsules travel in the request body (fed through a bounded channel,
+//!   so a next hop that stops reading makes the sender wait) and in the response body, read
+//!   frame by frame, whose trailers are kept (`propagate_response_trailers`).
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use ferry_config::{UpstreamHttp, UpstreamProtocol};
-use http_body_util::Empty;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{Mutex, OnceCell};
+use tokio::sync::{mpsc, Mutex, OnceCell};
 
 use crate::forward::copy_headers;
 use crate::stats::{GaugeGuard, Store};
-use crate::stream::{IoRecv, IoSend};
+use crate::stream::{IoRecv, IoSend, StreamRecv, StreamSend};
 use crate::upstream::{ClusterStats, UpstreamError};
 
 /// The halves of an upgraded upstream stream.
 pub type UpgradedIo = TokioIo<Upgraded>;
-pub type TcpRecv = IoRecv<tokio::io::ReadHalf<UpgradedIo>>;
-pub type TcpSend = IoSend<tokio::io::WriteHalf<UpgradedIo>>;
+
+/// Body chunks of a POST tunnel's request waiting for the HTTP/2 stream's flow control:
+/// a few capsules; past it the sender waits (back-pressure, nothing grows).
+const POST_BODY_QUEUE: usize = 32;
+
+/// The body of a request to the next hop: none (CONNECT and Upgrade, whose stream then
+/// becomes a byte stream) or a POST tunnel's capsules, fed through a bounded channel.
+pub struct ReqBody(Option<mpsc::Receiver<Bytes>>);
+
+impl ReqBody {
+    fn empty() -> Self {
+        ReqBody(None)
+    }
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match &mut self.0 {
+            None => Poll::Ready(None),
+            Some(rx) => rx.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.0 {
+            None => SizeHint::with_exact(0),
+            Some(_) => SizeHint::default(),
+        }
+    }
+}
+
+/// The receiving half of an upstream tunnel: an upgraded byte stream (CONNECT, Upgrade) or
+/// a POST tunnel's response body.
+pub enum TcpRecv {
+    Upgraded(IoRecv<tokio::io::ReadHalf<UpgradedIo>>),
+    Post {
+        body: Incoming,
+        /// The trailers that ended the body, once they came.
+        trailers: Option<http::HeaderMap>,
+    },
+}
+
+impl TcpRecv {
+    /// The trailers that ended a POST tunnel's response (taken once). hyper hides an
+    /// upgraded stream's trailers, so a CONNECT tunnel has none.
+    pub fn take_trailers(&mut self) -> Option<http::HeaderMap> {
+        match self {
+            TcpRecv::Upgraded(_) => None,
+            TcpRecv::Post { trailers, .. } => trailers.take(),
+        }
+    }
+}
+
+impl StreamRecv for TcpRecv {
+    async fn recv(&mut self) -> Result<Option<Bytes>, ()> {
+        match self {
+            TcpRecv::Upgraded(io) => io.recv().await,
+            TcpRecv::Post { body, trailers } => loop {
+                match body.frame().await {
+                    None => return Ok(None),
+                    Some(Err(_)) => return Err(()),
+                    Some(Ok(frame)) => match frame.into_data() {
+                        Ok(data) if data.is_empty() => continue,
+                        Ok(data) => return Ok(Some(data)),
+                        Err(frame) => {
+                            if let Ok(t) = frame.into_trailers() {
+                                *trailers = Some(t);
+                            }
+                        }
+                    },
+                }
+            },
+        }
+    }
+}
+
+/// The sending half of an upstream tunnel: an upgraded byte stream, or the channel into a
+/// POST tunnel's request body (None once finished).
+pub enum TcpSend {
+    Upgraded(IoSend<tokio::io::WriteHalf<UpgradedIo>>),
+    Post(Option<mpsc::Sender<Bytes>>),
+}
+
+impl StreamSend for TcpSend {
+    async fn send(&mut self, data: Bytes) -> Result<(), ()> {
+        match self {
+            TcpSend::Upgraded(io) => io.send(data).await,
+            TcpSend::Post(Some(tx)) => tx.send(data).await.map_err(|_| ()),
+            TcpSend::Post(None) => Err(()),
+        }
+    }
+    async fn finish(&mut self) {
+        match self {
+            TcpSend::Upgraded(io) => io.finish().await,
+            // The body's end: END_STREAM once what is queued has gone.
+            TcpSend::Post(tx) => *tx = None,
+        }
+    }
+    fn reset(&mut self, code: h3::error::Code) {
+        match self {
+            TcpSend::Upgraded(io) => io.reset(code),
+            // Dropping the response body (with the tunnel) resets the stream.
+            TcpSend::Post(tx) => *tx = None,
+        }
+    }
+}
+
+/// What a request to the next hop is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Method {
+    /// CONNECT-UDP: extended CONNECT (HTTP/2) or `Upgrade: connect-udp` (HTTP/1.1).
+    ConnectUdp,
+    /// A POST tunnel (HTTP/2 only).
+    Post,
+}
 
 /// How long to wait for an HTTP/2 next hop's SETTINGS_ENABLE_CONNECT_PROTOCOL after the
 /// handshake (it comes in the peer's first SETTINGS frame).
@@ -61,12 +193,7 @@ pub struct TcpPool {
     config: UpstreamHttp,
     connect_timeout: Duration,
     tls: OnceCell<Option<tokio_rustls::TlsConnector>>,
-    h2: Mutex<
-        Vec<(
-            SocketAddr,
-            hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
-        )>,
-    >,
+    h2: Mutex<Vec<(SocketAddr, hyper::client::conn::http2::SendRequest<ReqBody>)>>,
     pub stats: ClusterStats,
 }
 
@@ -154,11 +281,13 @@ impl TcpPool {
         }
     }
 
-    /// A live HTTP/2 connection to `addr` that allows extended CONNECT.
+    /// A live HTTP/2 connection to `addr`; a new one must allow extended CONNECT when
+    /// `need_connect` (POST tunnels do without).
     async fn h2_sender(
         &self,
         addr: SocketAddr,
-    ) -> Result<hyper::client::conn::http2::SendRequest<Empty<Bytes>>, UpstreamError> {
+        need_connect: bool,
+    ) -> Result<hyper::client::conn::http2::SendRequest<ReqBody>, UpstreamError> {
         let mut conns = self.h2.lock().await;
         conns.retain(|(_, s)| !s.is_closed());
         if let Some((_, s)) = conns.iter().find(|(a, _)| *a == addr) {
@@ -174,6 +303,11 @@ impl TcpPool {
         // SETTINGS arrive, so look every millisecond (once per connection, bounded); the
         // connection future is polled meanwhile so that its end is seen.
         let mut conn = Box::pin(conn);
+        if !need_connect {
+            self.spawn_connection(conn);
+            conns.push((addr, sender.clone()));
+            return Ok(sender);
+        }
         let settings = async {
             let mut tick = tokio::time::interval(Duration::from_millis(1));
             loop {
@@ -227,21 +361,69 @@ impl TcpPool {
         path: &str,
         headers: &http::HeaderMap,
     ) -> Result<Answer, SendError> {
+        self.request(addr, authority, path, headers, Method::ConnectUdp)
+            .await
+    }
+
+    /// Open a POST tunnel (Envoy's udp_proxy `use_post`): `POST` to `path` on `authority`
+    /// over HTTP/2, capsules in both bodies; any 2xx accepts.
+    pub async fn open_post(
+        &self,
+        addr: SocketAddr,
+        authority: &str,
+        path: &str,
+        headers: &http::HeaderMap,
+    ) -> Result<Answer, SendError> {
+        if !self.is_http2() {
+            // Refused at load; kept as an error rather than a panic.
+            return Err(SendError::Request(
+                "POST tunnels need an HTTP/2 next hop".into(),
+            ));
+        }
+        self.request(addr, authority, path, headers, Method::Post)
+            .await
+    }
+
+    async fn request(
+        &self,
+        addr: SocketAddr,
+        authority: &str,
+        path: &str,
+        headers: &http::HeaderMap,
+        method: Method,
+    ) -> Result<Answer, SendError> {
         self.stats.upstream_rq_total.inc();
+        let mut post_tx = None;
         let resp = if self.is_http2() {
-            let mut sender = self.h2_sender(addr).await.map_err(SendError::Connect)?;
+            let mut sender = self
+                .h2_sender(addr, method == Method::ConnectUdp)
+                .await
+                .map_err(SendError::Connect)?;
             let scheme = if self.config.plaintext {
                 "http"
             } else {
                 "https"
             };
-            let mut req = http::Request::new(Empty::<Bytes>::new());
-            *req.method_mut() = http::Method::CONNECT;
+            let body = match method {
+                Method::ConnectUdp => ReqBody::empty(),
+                Method::Post => {
+                    let (tx, rx) = mpsc::channel(POST_BODY_QUEUE);
+                    post_tx = Some(tx);
+                    ReqBody(Some(rx))
+                }
+            };
+            let mut req = http::Request::new(body);
             *req.uri_mut() = format!("{scheme}://{authority}{path}")
                 .parse()
                 .map_err(|e| SendError::Request(format!("request URI: {e}")))?;
-            req.extensions_mut()
-                .insert(hyper::ext::Protocol::from_static("connect-udp"));
+            match method {
+                Method::ConnectUdp => {
+                    *req.method_mut() = http::Method::CONNECT;
+                    req.extensions_mut()
+                        .insert(hyper::ext::Protocol::from_static("connect-udp"));
+                }
+                Method::Post => *req.method_mut() = http::Method::POST,
+            }
             copy_headers(headers, req.headers_mut());
             sender
                 .send_request(req)
@@ -253,7 +435,7 @@ impl TcpPool {
                 .await
                 .map_err(|e| SendError::Request(format!("HTTP/1.1 handshake: {e}")))?;
             self.spawn_connection(conn.with_upgrades());
-            let mut req = http::Request::new(Empty::<Bytes>::new());
+            let mut req = http::Request::new(ReqBody::empty());
             *req.uri_mut() = path
                 .parse()
                 .map_err(|e| SendError::Request(format!("request path: {e}")))?;
@@ -287,14 +469,25 @@ impl TcpPool {
         } else {
             status == http::StatusCode::SWITCHING_PROTOCOLS
         };
-        let io = if accepted {
-            let upgraded = hyper::upgrade::on(resp)
-                .await
-                .map_err(|e| SendError::Request(format!("upgrade: {e}")))?;
-            let (rd, wr) = tokio::io::split(TokioIo::new(upgraded));
-            Some((IoRecv::new(rd), IoSend(wr)))
-        } else {
-            None
+        let io = match (accepted, post_tx) {
+            (false, _) => None,
+            (true, Some(tx)) => Some((
+                TcpRecv::Post {
+                    body: resp.into_body(),
+                    trailers: None,
+                },
+                TcpSend::Post(Some(tx)),
+            )),
+            (true, None) => {
+                let upgraded = hyper::upgrade::on(resp)
+                    .await
+                    .map_err(|e| SendError::Request(format!("upgrade: {e}")))?;
+                let (rd, wr) = tokio::io::split(TokioIo::new(upgraded));
+                Some((
+                    TcpRecv::Upgraded(IoRecv::new(rd)),
+                    TcpSend::Upgraded(IoSend(wr)),
+                ))
+            }
         };
         Ok(Answer {
             status,

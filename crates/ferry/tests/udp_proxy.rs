@@ -610,3 +610,257 @@ static_resources:
     proxy.wait_stat("udp.plain.idle_timeout", 1).await;
     assert_eq!(proxy.stat("udp.plain.downstream_sess_active"), 0);
 }
+
+/// A cleartext HTTP/2 server (hyper) for `use_post` tunnels: records each request's method,
+/// URI and headers, answers `status` (`x-post-server: yes`), and when it accepts, echoes
+/// the request body (DATAGRAM capsules) into the response body; after the UDP payload
+/// `end` it ends the response with trailers.
+struct PostTunnelServer {
+    addr: SocketAddr,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(http::Method, http::Uri, http::HeaderMap)>>>,
+}
+
+const POST_END: &[u8] = b"end";
+
+/// A response body fed frame by frame (data, then trailers) through a channel.
+struct FrameBody(tokio::sync::mpsc::Receiver<hyper::body::Frame<bytes::Bytes>>);
+
+impl hyper::body::Body for FrameBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        self.0.poll_recv(cx).map(|f| f.map(Ok))
+    }
+}
+
+fn post_trailers() -> http::HeaderMap {
+    let mut t = http::HeaderMap::new();
+    t.insert("x-tunnel-end", "bye".parse().unwrap());
+    t.insert("x-tunnel-count", "2".parse().unwrap());
+    t
+}
+
+impl PostTunnelServer {
+    async fn start(status: u16) -> Self {
+        use http_body_util::BodyExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let s = s.clone();
+                let service =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let s = s.clone();
+                        async move {
+                            s.lock().unwrap().push((
+                                req.method().clone(),
+                                req.uri().clone(),
+                                req.headers().clone(),
+                            ));
+                            let (tx, rx) = tokio::sync::mpsc::channel(8);
+                            let body = FrameBody(rx);
+                            if status == 200 {
+                                tokio::spawn(async move {
+                                    let mut body = req.into_body();
+                                    let mut decoder =
+                                        ferry_proto::capsule::CapsuleDecoder::new(1 << 16);
+                                    while let Some(Ok(frame)) = body.frame().await {
+                                        let Ok(data) = frame.into_data() else {
+                                            continue;
+                                        };
+                                        decoder.push(data.clone());
+                                        if tx.send(hyper::body::Frame::data(data)).await.is_err() {
+                                            return;
+                                        }
+                                        while let Ok(Some(c)) = decoder.next() {
+                                            let ferry_proto::capsule::Capsule::Datagram(p) = c
+                                            else {
+                                                continue;
+                                            };
+                                            if p.get(1..) == Some(POST_END) {
+                                                let trailers =
+                                                    hyper::body::Frame::trailers(post_trailers());
+                                                let _ = tx.send(trailers).await;
+                                                return;
+                                            }
+                                        }
+                                    }
+                                });
+                            }
+                            let resp = http::Response::builder()
+                                .status(status)
+                                .header("x-post-server", "yes")
+                                .body(body)
+                                .unwrap();
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service),
+                );
+            }
+        });
+        PostTunnelServer { addr, seen }
+    }
+
+    fn seen(&self) -> Vec<(http::Method, http::Uri, http::HeaderMap)> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// A udp_proxy with `use_post: true`, `post_path: /tunnel` to `server` (HTTP/2, cleartext),
+/// `propagate_response_headers` and `propagate_response_trailers`, a session log at `log`.
+fn post_udp_proxy_yaml(server: SocketAddr, log: &std::path::Path) -> String {
+    format!(
+        r#"admin:
+  address:
+    socket_address: {{ address: 127.0.0.1, port_value: 0 }}
+static_resources:
+  listeners:
+  - name: udp_in
+    address:
+      socket_address: {{ protocol: UDP, address: 127.0.0.1, port_value: 0 }}
+    listener_filters:
+    - name: envoy.filters.udp_listener.udp_proxy
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.UdpProxyConfig
+        stat_prefix: tunnel
+        idle_timeout: 10s
+        matcher:
+          on_no_match:
+            action:
+              name: route
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.Route
+                cluster: proxy
+        session_filters:
+        - name: envoy.filters.udp.session.http_capsule
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.session.http_capsule.v3.FilterConfig
+        tunneling_config:
+          proxy_host: tunnel.example
+          proxy_port: 8443
+          target_host: foo.lyft.com
+          default_target_port: 80
+          use_post: true
+          post_path: /tunnel
+          headers_to_add:
+          - header: {{ key: x-tunnel-from, value: udp-proxy }}
+          buffer_options: {{}}
+          propagate_response_headers: true
+          propagate_response_trailers: true
+{log}  clusters:
+  - name: proxy
+    type: STATIC
+    connect_timeout: 5s
+    load_assignment:
+      cluster_name: proxy
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{ address: 127.0.0.1, port_value: {port} }}
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config:
+          http2_protocol_options: {{}}
+"#,
+        log = session_log(
+            log,
+            "%ACCESS_LOG_TYPE%|%RESPONSE_FLAGS%|%FILTER_STATE(envoy.udp_proxy.propagate_response_headers:TYPED)%|%FILTER_STATE(envoy.udp_proxy.propagate_response_trailers:TYPED)%",
+            ""
+        ),
+        port = server.port(),
+    )
+}
+
+/// Envoy's POST variant (`use_post`): the proxy sees `POST /tunnel` with the configured
+/// authority and headers, no `:protocol` and no `capsule-protocol`; the capsules cross both
+/// bodies (a burst in order); the trailers that end the response end the session and reach
+/// its access log line (`propagate_response_trailers`), with the response headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn use_post_tunnel_with_trailers() {
+    let server = PostTunnelServer::start(200).await;
+    let path = temp_log("post.log");
+    let proxy = Proxy::start(&post_udp_proxy_yaml(server.addr, &path), test_cert()).await;
+    let a = app().await;
+    a.send_to(b"first!", proxy.addr).await.unwrap();
+    assert_eq!(recv(&a).await, b"first!");
+    for i in 0..20u8 {
+        a.send_to(&[b'b', i], proxy.addr).await.unwrap();
+    }
+    for i in 0..20u8 {
+        assert_eq!(recv(&a).await, [b'b', i]);
+    }
+    a.send_to(POST_END, proxy.addr).await.unwrap();
+    assert_eq!(recv(&a).await, POST_END);
+
+    let seen = server.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let (method, uri, headers) = &seen[0];
+    assert_eq!(method, http::Method::POST);
+    assert_eq!(uri.path(), "/tunnel");
+    assert_eq!(uri.authority().unwrap().as_str(), "tunnel.example:8443");
+    assert_eq!(uri.scheme_str(), Some("http"));
+    assert_eq!(headers.get("x-tunnel-from").unwrap(), "udp-proxy");
+    assert!(headers.get("capsule-protocol").is_none(), "{headers:?}");
+
+    // The trailers end the tunnel and with it the session.
+    let lines = log_lines_once(&path, "UdpSessionEnd").await;
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    let parts: Vec<&str> = lines[0].split('|').collect();
+    assert_eq!(parts[..2], ["UdpSessionEnd", "-"], "{lines:#?}");
+    let response: serde_json::Value = serde_json::from_str(parts[2]).unwrap();
+    let response = response["headers"].as_array().unwrap();
+    assert_eq!(
+        response[0],
+        serde_json::json!({"key": ":status", "value": "200"})
+    );
+    assert!(
+        response.contains(&serde_json::json!({"key": "x-post-server", "value": "yes"})),
+        "{response:?}"
+    );
+    let trailers: serde_json::Value = serde_json::from_str(parts[3]).unwrap();
+    assert_eq!(
+        trailers,
+        serde_json::json!({"headers": [
+            {"key": "x-tunnel-end", "value": "bye"},
+            {"key": "x-tunnel-count", "value": "2"},
+        ]})
+    );
+    assert_eq!(proxy.stat(&format!("{C}udp.sess_tunnel_success")), 1);
+    assert_eq!(proxy.stat(&format!("{C}udp.sess_tx_datagrams")), 22);
+    assert_eq!(proxy.stat(&format!("{C}udp.sess_rx_datagrams")), 22);
+    assert_eq!(proxy.stat(&format!("{U}idle_timeout")), 0);
+    assert_eq!(proxy.stat(&format!("{U}downstream_sess_active")), 0);
+}
+
+/// A POST tunnel answered with a non-2xx fails the session (any 2xx accepts, as in Envoy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn use_post_refusal_fails_the_session() {
+    let server = PostTunnelServer::start(403).await;
+    let path = temp_log("post-refused.log");
+    let proxy = Proxy::start(&post_udp_proxy_yaml(server.addr, &path), test_cert()).await;
+    let a = app().await;
+    a.send_to(b"x", proxy.addr).await.unwrap();
+    let lines = log_lines_once(&path, "UdpSessionEnd").await;
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(
+        lines[0].starts_with(r#"UdpSessionEnd|UF,URX|{"headers":[{"key":":status","value":"403"}"#),
+        "{lines:#?}"
+    );
+    assert!(lines[0].ends_with("|-"), "no trailers: {lines:#?}");
+    assert_eq!(server.seen().len(), 1);
+    assert_eq!(server.seen()[0].0, http::Method::POST);
+    assert_eq!(proxy.stat(&format!("{C}udp.sess_tunnel_failure")), 1);
+}

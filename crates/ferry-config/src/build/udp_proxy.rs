@@ -125,7 +125,7 @@ fn build_udp_proxy(
                 &cluster_path,
                 format!("unknown cluster `{cluster}`: no static_resources.clusters[] entry has this name"),
             );
-        } else if !plain && !clusters.proxies.contains(&cluster) {
+        } else if !plain && !clusters.proxies.contains_key(&cluster) {
             ctx.err(
                 &cluster_path,
                 format!("cluster `{cluster}` is not a CONNECT-UDP proxy Ferry can reach: it needs typed_extension_protocol_options with explicit_http_config (http3_protocol_options with a QUIC transport_socket, or http2_protocol_options / http_protocol_options)"),
@@ -170,7 +170,24 @@ fn build_udp_proxy(
                     format!("a `{HTTP_CAPSULE_NAME}` session filter is required with tunneling_config (as in Envoy: it makes the tunnel carry DATAGRAM capsules)"),
                 );
             }
-            Some(build_tunneling(ctx, &tp, t))
+            let built = build_tunneling(ctx, &tp, t);
+            // POST tunnels: HTTP/2 only, as in Envoy (whose tunnels are all HTTP/2).
+            if built.post_path.is_some() {
+                match clusters.proxies.get(&cluster) {
+                    Some(model::UpstreamProtocol::Http2) | None => {}
+                    Some(other) => {
+                        let version = match other {
+                            model::UpstreamProtocol::Http3 { .. } => "HTTP/3",
+                            _ => "HTTP/1.1",
+                        };
+                        ctx.err(
+                            &tp.f("use_post"),
+                            format!("POST tunnels need an HTTP/2 upstream (as in Envoy): cluster `{cluster}` is reached over {version}; give it explicit_http_config.http2_protocol_options, or drop use_post for CONNECT-UDP"),
+                        );
+                    }
+                }
+            }
+            Some(built)
         }
         None => {
             if capsule {
@@ -371,15 +388,37 @@ fn build_tunneling(ctx: &mut Ctx, p: &P, t: &raw::UdpTunnelingConfig) -> model::
         }
     });
 
-    if t.propagate_response_trailers == Some(true) {
-        ctx.err(
-            &p.f("propagate_response_trailers"),
-            "Envoy field not supported by Ferry (yet): the HTTP/2 and HTTP/3 client libraries Ferry uses do not hand over trailers that end a tunnel's stream",
-        );
-    }
+    // `use_post` / `post_path`: Envoy's checks and default.
+    let use_post = t.use_post.unwrap_or(false);
+    let pp = p.f("post_path");
+    let post_path = match (&t.post_path, use_post) {
+        (Some(path), false) if !path.is_empty() => {
+            ctx.err(
+                &pp,
+                "can't set a post path when POST method isn't used (use_post: true), as in Envoy",
+            );
+            None
+        }
+        (_, false) => None,
+        (None, true) => Some("/".to_owned()),
+        (Some(path), true) if path.is_empty() => Some("/".to_owned()),
+        (Some(path), true) => {
+            if !path.starts_with('/') {
+                ctx.err(&pp, "must start with '/' (as in Envoy)");
+            } else if path.bytes().any(|b| b <= b' ' || b == 0x7f || b == b'#') {
+                ctx.err(
+                    &pp,
+                    format!("`{path}` is not a request path (spaces, control characters or `#`)"),
+                );
+            }
+            Some(path.clone())
+        }
+    };
 
     model::UdpTunneling {
         propagate_response_headers: t.propagate_response_headers.unwrap_or(false),
+        propagate_response_trailers: t.propagate_response_trailers.unwrap_or(false),
+        post_path,
         proxy_host,
         proxy_port,
         target_host,
