@@ -10,26 +10,29 @@
 //! Either way the tunnel is a byte stream carrying capsules (RFC 9297 section 3.5).
 //!
 //! - HTTP/2 `POST` tunnels (udp_proxy `use_post`, as Envoy's): a `POST` to `post_path`, any
-//!   2xx accepts; the capsules travel in the request body (fed through a bounded channel,
-//!   so a next hop that stops reading makes the sender wait) and in the response body, read
-//!   frame by frame, whose trailers are kept (`propagate_response_trailers`).
+//!   2xx accepts; the capsules travel in the request body and in the response body.
+//!
+//! HTTP/2 is spoken with the `h2` crate directly (hyper's client turns an accepted CONNECT
+//! into a byte stream and drops the trailers that end it): a tunnel is the request's
+//! `SendStream` and the response's `RecvStream`, so the trailers that end either kind of
+//! tunnel are kept (`propagate_response_trailers`), and HTTP/2 flow control carries the
+//! back-pressure both ways (Ferry sends only what the peer's window allows, and returns
+//! receive credit only for what it has read).
 
-use std::convert::Infallible;
+use std::future::poll_fn;
 use std::net::SocketAddr;
-use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use ferry_config::{UpstreamHttp, UpstreamProtocol};
-use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use http_body_util::Empty;
 use hyper::upgrade::Upgraded;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, Mutex, OnceCell};
+use tokio::sync::{Mutex, OnceCell};
 
 use crate::forward::copy_headers;
 use crate::stats::{GaugeGuard, Store};
@@ -39,64 +42,31 @@ use crate::upstream::{ClusterStats, UpstreamError};
 /// The halves of an upgraded upstream stream.
 pub type UpgradedIo = TokioIo<Upgraded>;
 
-/// Body chunks of a POST tunnel's request waiting for the HTTP/2 stream's flow control:
-/// a few capsules; past it the sender waits (back-pressure, nothing grows).
-const POST_BODY_QUEUE: usize = 32;
+/// HTTP/2 windows toward next hops (hyper's client defaults, which Ferry used before): what
+/// a next hop may send on one tunnel, and on one connection, before Ferry reads it.
+const H2_STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const H2_CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+/// The most one HTTP/2 stream queues toward a next hop beyond its window.
+const H2_MAX_SEND_BUFFER: usize = 400 * 1024;
 
-/// The body of a request to the next hop: none (CONNECT and Upgrade, whose stream then
-/// becomes a byte stream) or a POST tunnel's capsules, fed through a bounded channel.
-pub struct ReqBody(Option<mpsc::Receiver<Bytes>>);
-
-impl ReqBody {
-    fn empty() -> Self {
-        ReqBody(None)
-    }
-}
-
-impl Body for ReqBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        match &mut self.0 {
-            None => Poll::Ready(None),
-            Some(rx) => rx.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b)))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.0.is_none()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self.0 {
-            None => SizeHint::with_exact(0),
-            Some(_) => SizeHint::default(),
-        }
-    }
-}
-
-/// The receiving half of an upstream tunnel: an upgraded byte stream (CONNECT, Upgrade) or
-/// a POST tunnel's response body.
+/// The receiving half of an upstream tunnel: an HTTP/1.1 upgraded byte stream, or an
+/// HTTP/2 response body (CONNECT-UDP or POST).
 pub enum TcpRecv {
     Upgraded(IoRecv<tokio::io::ReadHalf<UpgradedIo>>),
-    Post {
-        body: Incoming,
+    H2 {
+        body: h2::RecvStream,
         /// The trailers that ended the body, once they came.
         trailers: Option<http::HeaderMap>,
     },
 }
 
 impl TcpRecv {
-    /// The trailers that ended a POST tunnel's response (taken once). hyper hides an
-    /// upgraded stream's trailers, so a CONNECT tunnel has none.
+    /// The trailers that ended an HTTP/2 tunnel's response (taken once). An HTTP/1.1
+    /// tunnel is a bare byte stream after the upgrade: it has none.
     pub fn take_trailers(&mut self) -> Option<http::HeaderMap> {
         match self {
             TcpRecv::Upgraded(_) => None,
-            TcpRecv::Post { trailers, .. } => trailers.take(),
+            TcpRecv::H2 { trailers, .. } => trailers.take(),
         }
     }
 }
@@ -105,52 +75,73 @@ impl StreamRecv for TcpRecv {
     async fn recv(&mut self) -> Result<Option<Bytes>, ()> {
         match self {
             TcpRecv::Upgraded(io) => io.recv().await,
-            TcpRecv::Post { body, trailers } => loop {
-                match body.frame().await {
-                    None => return Ok(None),
-                    Some(Err(_)) => return Err(()),
-                    Some(Ok(frame)) => match frame.into_data() {
-                        Ok(data) if data.is_empty() => continue,
-                        Ok(data) => return Ok(Some(data)),
-                        Err(frame) => {
-                            if let Ok(t) = frame.into_trailers() {
-                                *trailers = Some(t);
-                            }
+            TcpRecv::H2 { body, trailers } => loop {
+                match poll_fn(|cx| body.poll_data(cx)).await {
+                    Some(Ok(data)) => {
+                        // Credit back what was read: the window bounds only unread bytes.
+                        let _ = body.flow_control().release_capacity(data.len());
+                        if data.is_empty() {
+                            continue;
                         }
-                    },
+                        return Ok(Some(data));
+                    }
+                    Some(Err(_)) => return Err(()),
+                    None => {
+                        return match poll_fn(|cx| body.poll_trailers(cx)).await {
+                            Ok(t) => {
+                                *trailers = t;
+                                Ok(None)
+                            }
+                            Err(_) => Err(()),
+                        }
+                    }
                 }
             },
         }
     }
 }
 
-/// The sending half of an upstream tunnel: an upgraded byte stream, or the channel into a
-/// POST tunnel's request body (None once finished).
+/// The sending half of an upstream tunnel: an HTTP/1.1 upgraded byte stream, or an HTTP/2
+/// request body.
 pub enum TcpSend {
     Upgraded(IoSend<tokio::io::WriteHalf<UpgradedIo>>),
-    Post(Option<mpsc::Sender<Bytes>>),
+    H2(h2::SendStream<Bytes>),
 }
 
 impl StreamSend for TcpSend {
-    async fn send(&mut self, data: Bytes) -> Result<(), ()> {
+    async fn send(&mut self, mut data: Bytes) -> Result<(), ()> {
         match self {
             TcpSend::Upgraded(io) => io.send(data).await,
-            TcpSend::Post(Some(tx)) => tx.send(data).await.map_err(|_| ()),
-            TcpSend::Post(None) => Err(()),
+            TcpSend::H2(stream) => {
+                // Send only what the next hop's flow-control window allows; wait for more.
+                while !data.is_empty() {
+                    stream.reserve_capacity(data.len());
+                    match poll_fn(|cx| stream.poll_capacity(cx)).await {
+                        Some(Ok(0)) => continue,
+                        Some(Ok(n)) => {
+                            let chunk = data.split_to(n.min(data.len()));
+                            stream.send_data(chunk, false).map_err(|_| ())?;
+                        }
+                        Some(Err(_)) | None => return Err(()),
+                    }
+                }
+                Ok(())
+            }
         }
     }
     async fn finish(&mut self) {
         match self {
             TcpSend::Upgraded(io) => io.finish().await,
-            // The body's end: END_STREAM once what is queued has gone.
-            TcpSend::Post(tx) => *tx = None,
+            // END_STREAM after what is queued.
+            TcpSend::H2(stream) => {
+                let _ = stream.send_data(Bytes::new(), true);
+            }
         }
     }
     fn reset(&mut self, code: h3::error::Code) {
         match self {
             TcpSend::Upgraded(io) => io.reset(code),
-            // Dropping the response body (with the tunnel) resets the stream.
-            TcpSend::Post(tx) => *tx = None,
+            TcpSend::H2(stream) => stream.send_reset(h2::Reason::CANCEL),
         }
     }
 }
@@ -187,13 +178,21 @@ pub struct Answer {
     pub io: Option<(TcpRecv, TcpSend)>,
 }
 
+/// A pooled HTTP/2 connection to a next hop.
+struct H2Conn {
+    addr: SocketAddr,
+    sender: h2::client::SendRequest<Bytes>,
+    /// Set when the connection's task ends.
+    closed: Arc<AtomicBool>,
+}
+
 /// The HTTP/2 and HTTP/1.1 connections of one cluster.
 pub struct TcpPool {
     pub cluster: String,
     config: UpstreamHttp,
     connect_timeout: Duration,
     tls: OnceCell<Option<tokio_rustls::TlsConnector>>,
-    h2: Mutex<Vec<(SocketAddr, hyper::client::conn::http2::SendRequest<ReqBody>)>>,
+    h2: Mutex<Vec<H2Conn>>,
     pub stats: ClusterStats,
 }
 
@@ -281,63 +280,66 @@ impl TcpPool {
         }
     }
 
-    /// A live HTTP/2 connection to `addr`; a new one must allow extended CONNECT when
+    /// A live HTTP/2 connection to `addr`; it must allow extended CONNECT when
     /// `need_connect` (POST tunnels do without).
     async fn h2_sender(
         &self,
         addr: SocketAddr,
         need_connect: bool,
-    ) -> Result<hyper::client::conn::http2::SendRequest<ReqBody>, UpstreamError> {
+    ) -> Result<h2::client::SendRequest<Bytes>, UpstreamError> {
         let mut conns = self.h2.lock().await;
-        conns.retain(|(_, s)| !s.is_closed());
-        if let Some((_, s)) = conns.iter().find(|(a, _)| *a == addr) {
-            return Ok(s.clone());
+        conns.retain(|c| !c.closed.load(Ordering::Relaxed));
+        if let Some(c) = conns.iter().find(|c| {
+            c.addr == addr && (!need_connect || c.sender.is_extended_connect_protocol_enabled())
+        }) {
+            return Ok(c.sender.clone());
         }
         let io = self.dial(addr).await?;
-        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .handshake(TokioIo::new(io))
+        let (sender, conn) = h2::client::Builder::new()
+            .enable_push(false)
+            .initial_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .max_send_buffer_size(H2_MAX_SEND_BUFFER)
+            .handshake::<_, Bytes>(io)
             .await
             .map_err(|e| UpstreamError::Refused(format!("HTTP/2 handshake: {e}")))?;
-        // The next hop allows extended CONNECT in its first SETTINGS frame, which may still
-        // be in flight. hyper reads frames in a task of its own and tells nobody when the
-        // SETTINGS arrive, so look every millisecond (once per connection, bounded); the
-        // connection future is polled meanwhile so that its end is seen.
-        let mut conn = Box::pin(conn);
-        if !need_connect {
-            self.spawn_connection(conn);
-            conns.push((addr, sender.clone()));
-            return Ok(sender);
-        }
-        let settings = async {
-            let mut tick = tokio::time::interval(Duration::from_millis(1));
-            loop {
-                tokio::select! {
-                    _ = conn.as_mut() => {
-                        return Err(UpstreamError::Refused("HTTP/2 connection closed".into()))
+        let closed = Arc::new(AtomicBool::new(false));
+        self.spawn_connection(conn, Some(closed.clone()));
+        if need_connect {
+            // The next hop allows extended CONNECT in its first SETTINGS frame, which may
+            // still be in flight; the connection's task reads it and tells nobody, so look
+            // every millisecond (once per connection, bounded).
+            let settings = async {
+                let mut tick = tokio::time::interval(Duration::from_millis(1));
+                loop {
+                    tick.tick().await;
+                    if sender.is_extended_connect_protocol_enabled() {
+                        return Ok(());
                     }
-                    _ = tick.tick() => {
-                        if conn.is_extended_connect_protocol_enabled() {
-                            return Ok(());
-                        }
+                    if closed.load(Ordering::Relaxed) {
+                        return Err(UpstreamError::Refused("HTTP/2 connection closed".into()));
                     }
                 }
-            }
-        };
-        match tokio::time::timeout(SETTINGS_WAIT.min(self.connect_timeout), settings).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e),
-            Err(_) => {
-                return Err(UpstreamError::Refused(
-                    "the next hop does not allow extended CONNECT (no SETTINGS_ENABLE_CONNECT_PROTOCOL)".into(),
-                ))
+            };
+            match tokio::time::timeout(SETTINGS_WAIT.min(self.connect_timeout), settings).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    return Err(UpstreamError::Refused(
+                        "the next hop does not allow extended CONNECT (no SETTINGS_ENABLE_CONNECT_PROTOCOL)".into(),
+                    ))
+                }
             }
         }
-        self.spawn_connection(conn);
-        conns.push((addr, sender.clone()));
+        conns.push(H2Conn {
+            addr,
+            sender: sender.clone(),
+            closed,
+        });
         Ok(sender)
     }
 
-    fn spawn_connection<F, E>(&self, conn: F)
+    fn spawn_connection<F, E>(&self, conn: F, closed: Option<Arc<AtomicBool>>)
     where
         F: std::future::Future<Output = Result<(), E>> + Send + 'static,
         E: std::fmt::Display,
@@ -349,6 +351,9 @@ impl TcpPool {
             let _active = active;
             if let Err(e) = conn.await {
                 tracing::debug!(%cluster, "upstream connection ended: {e}");
+            }
+            if let Some(closed) = closed {
+                closed.store(true, Ordering::Relaxed);
             }
         });
     }
@@ -393,49 +398,18 @@ impl TcpPool {
         method: Method,
     ) -> Result<Answer, SendError> {
         self.stats.upstream_rq_total.inc();
-        let mut post_tx = None;
-        let resp = if self.is_http2() {
-            let mut sender = self
-                .h2_sender(addr, method == Method::ConnectUdp)
-                .await
-                .map_err(SendError::Connect)?;
-            let scheme = if self.config.plaintext {
-                "http"
-            } else {
-                "https"
-            };
-            let body = match method {
-                Method::ConnectUdp => ReqBody::empty(),
-                Method::Post => {
-                    let (tx, rx) = mpsc::channel(POST_BODY_QUEUE);
-                    post_tx = Some(tx);
-                    ReqBody(Some(rx))
-                }
-            };
-            let mut req = http::Request::new(body);
-            *req.uri_mut() = format!("{scheme}://{authority}{path}")
-                .parse()
-                .map_err(|e| SendError::Request(format!("request URI: {e}")))?;
-            match method {
-                Method::ConnectUdp => {
-                    *req.method_mut() = http::Method::CONNECT;
-                    req.extensions_mut()
-                        .insert(hyper::ext::Protocol::from_static("connect-udp"));
-                }
-                Method::Post => *req.method_mut() = http::Method::POST,
-            }
-            copy_headers(headers, req.headers_mut());
-            sender
-                .send_request(req)
-                .await
-                .map_err(|e| SendError::Request(e.to_string()))?
-        } else {
+        if self.is_http2() {
+            return self
+                .h2_request(addr, authority, path, headers, method)
+                .await;
+        }
+        let resp = {
             let io = self.dial(addr).await.map_err(SendError::Connect)?;
             let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
                 .await
                 .map_err(|e| SendError::Request(format!("HTTP/1.1 handshake: {e}")))?;
-            self.spawn_connection(conn.with_upgrades());
-            let mut req = http::Request::new(ReqBody::empty());
+            self.spawn_connection(conn.with_upgrades(), None);
+            let mut req = http::Request::new(Empty::<Bytes>::new());
             *req.uri_mut() = path
                 .parse()
                 .map_err(|e| SendError::Request(format!("request path: {e}")))?;
@@ -464,31 +438,81 @@ impl TcpPool {
         };
         let status = resp.status();
         let headers = resp.headers().clone();
-        let accepted = if self.is_http2() {
-            status.is_success()
+        let io = if status == http::StatusCode::SWITCHING_PROTOCOLS {
+            let upgraded = hyper::upgrade::on(resp)
+                .await
+                .map_err(|e| SendError::Request(format!("upgrade: {e}")))?;
+            let (rd, wr) = tokio::io::split(TokioIo::new(upgraded));
+            Some((
+                TcpRecv::Upgraded(IoRecv::new(rd)),
+                TcpSend::Upgraded(IoSend(wr)),
+            ))
         } else {
-            status == http::StatusCode::SWITCHING_PROTOCOLS
+            None
         };
-        let io = match (accepted, post_tx) {
-            (false, _) => None,
-            (true, Some(tx)) => Some((
-                TcpRecv::Post {
+        Ok(Answer {
+            status,
+            headers,
+            io,
+        })
+    }
+
+    /// An extended CONNECT (`:protocol connect-udp`) or a POST over HTTP/2; any 2xx
+    /// accepts, and the tunnel is the request's and the response's bodies.
+    async fn h2_request(
+        &self,
+        addr: SocketAddr,
+        authority: &str,
+        path: &str,
+        headers: &http::HeaderMap,
+        method: Method,
+    ) -> Result<Answer, SendError> {
+        let sender = self
+            .h2_sender(addr, method == Method::ConnectUdp)
+            .await
+            .map_err(SendError::Connect)?;
+        let scheme = if self.config.plaintext {
+            "http"
+        } else {
+            "https"
+        };
+        let mut req = http::Request::new(());
+        *req.uri_mut() = format!("{scheme}://{authority}{path}")
+            .parse()
+            .map_err(|e| SendError::Request(format!("request URI: {e}")))?;
+        match method {
+            Method::ConnectUdp => {
+                *req.method_mut() = http::Method::CONNECT;
+                //= https://www.rfc-editor.org/rfc/rfc9298#section-3.4
+                //# The :protocol pseudo-header field SHALL be "connect-udp".
+                req.extensions_mut()
+                    .insert(h2::ext::Protocol::from_static("connect-udp"));
+            }
+            Method::Post => *req.method_mut() = http::Method::POST,
+        }
+        copy_headers(headers, req.headers_mut());
+        let mut sender = sender
+            .ready()
+            .await
+            .map_err(|e| SendError::Request(e.to_string()))?;
+        let (response, send) = sender
+            .send_request(req, false)
+            .map_err(|e| SendError::Request(e.to_string()))?;
+        let resp = response
+            .await
+            .map_err(|e| SendError::Request(e.to_string()))?;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        // A refused request's stream is reset when both of its halves are dropped.
+        let io = status.is_success().then(|| {
+            (
+                TcpRecv::H2 {
                     body: resp.into_body(),
                     trailers: None,
                 },
-                TcpSend::Post(Some(tx)),
-            )),
-            (true, None) => {
-                let upgraded = hyper::upgrade::on(resp)
-                    .await
-                    .map_err(|e| SendError::Request(format!("upgrade: {e}")))?;
-                let (rd, wr) = tokio::io::split(TokioIo::new(upgraded));
-                Some((
-                    TcpRecv::Upgraded(IoRecv::new(rd)),
-                    TcpSend::Upgraded(IoSend(wr)),
-                ))
-            }
-        };
+                TcpSend::H2(send),
+            )
+        });
         Ok(Answer {
             status,
             headers,

@@ -551,11 +551,10 @@ async fn mtls_trusted_untrusted_and_no_client_certificate_tcp_and_quic() {
 fn require_client_certificate_needs_a_validation_context() {
     let cert = test_cert();
     let target: SocketAddr = "127.0.0.1:9".parse().unwrap();
-    let yaml = multi_bootstrap(&cert, "AUTO", TERMINATE_ROUTE, &static_cluster(target))
-        .replace(
-            "          downstream_tls_context:\n",
-            "          downstream_tls_context:\n            require_client_certificate: true\n",
-        );
+    let yaml = multi_bootstrap(&cert, "AUTO", TERMINATE_ROUTE, &static_cluster(target)).replace(
+        "          downstream_tls_context:\n",
+        "          downstream_tls_context:\n            require_client_certificate: true\n",
+    );
     let err = ferry_config::load_str(&yaml, ferry_config::Format::Yaml)
         .unwrap_err()
         .to_string();
