@@ -86,6 +86,63 @@ def test_h3_headers_at_and_over_the_limit(ferry, udp_target):
     assert ferry.alive()
 
 
+HEADER_STREAMS = 8
+HEADER_FRAME = 8 << 20  # each stream announces (and offers) an 8 MiB HEADERS frame
+HEADER_RSS_LIMIT = 16 << 20  # all 8 buffered would be 64 MiB; the bound leaves a few MiB
+
+
+def test_h3_oversized_header_frames_are_refused_before_buffering(ferry, udp_target):
+    """Issue #9: HEADERS frames announcing 8 MiB on 8 request streams of one connection,
+    the bytes offered as fast as QUIC flow control lets them through. Ferry refuses each
+    as soon as the frame's length is read (431, STOP_SENDING), so it never buffers them:
+    its peak RSS grows by less than 16 MiB, where buffering the 64 MiB offered (as h3
+    alone did: 8 MiB header sections took RSS from 10 to 41 MiB) would not. Each refusal
+    is counted; the connection then opens a tunnel that echoes."""
+
+    async def body():
+        async with MasqueClient.connect("127.0.0.1", ferry.listener_port) as client:
+            await client.wait_peer_settings()
+            quic = client.protocol._quic
+            before = rss(ferry)
+            peak = before
+            done = False
+
+            async def sample():
+                nonlocal peak
+                while not done:
+                    peak = max(peak, rss(ferry))
+                    await asyncio.sleep(0.005)
+
+            sampler = asyncio.ensure_future(sample())
+            streams = []
+            for _ in range(HEADER_STREAMS):
+                sid = quic.get_next_available_stream_id()
+                t = Tunnel(client=client, stream_id=sid)
+                client.tunnels[sid] = t
+                # Frame type 0x01 (HEADERS), length 8 MiB as a 4-byte varint, payload.
+                quic.send_stream_data(sid, b"\x01\x80\x80\x00\x00" + bytes(HEADER_FRAME))
+                streams.append(t)
+            client.transmit()
+            answered = await async_wait_until(
+                lambda: all(t.status is not None or t.ended for t in streams), 30.0)
+            done = True
+            await sampler
+            print(f"oversized HEADERS: RSS {before >> 20} MiB -> peak {peak >> 20} MiB "
+                  f"({(peak - before) / (1 << 20):+.1f} MiB) for {HEADER_STREAMS} x 8 MiB offered")
+            assert peak - before < HEADER_RSS_LIMIT, (before, peak)
+            assert answered, [t.describe_end() for t in streams]
+            assert [t.status for t in streams] == [431] * HEADER_STREAMS
+            assert await async_wait_until(
+                lambda: ferry.counter(HEADERS_TOO_LARGE) == HEADER_STREAMS, 5.0), \
+                ferry.counter(HEADERS_TOO_LARGE)
+            after = await client.tunnel("foo.lyft.com", 80)
+            assert after.status == 200 and await echo(after, b"after")
+            assert client.terminated is None
+
+    run_async(body(), timeout=120)
+    assert ferry.alive()
+
+
 def test_h2_headers_over_the_limit_refuse_only_that_stream(start_proxy, udp_target):
     """HTTP/2 (hyper, SETTINGS_MAX_HEADER_LIST_SIZE 16 KiB): a request over the limit gets 431
     or a stream reset (REFUSED_STREAM) from the HTTP/2 library, bounded by the limit; the

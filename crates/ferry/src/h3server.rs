@@ -47,8 +47,7 @@ pub struct H3Listener {
     ctx: Arc<ListenerCtx>,
 }
 
-type QuicBidi = h3_quinn::BidiStream<Bytes>;
-type H3Stream = RequestStream<QuicBidi, Bytes>;
+type H3Stream = RequestStream<crate::h3limit::ServerBidi, Bytes>;
 
 impl H3Listener {
     /// Bind the listener's socket. Nothing is served until [`H3Listener::serve`].
@@ -130,7 +129,8 @@ impl H3Listener {
 /// The largest request header section Ferry accepts on HTTP/3 (QPACK-decoded size, as RFC
 /// 9114 section 4.2.2 counts it; advertised as SETTINGS_MAX_FIELD_SECTION_SIZE): Envoy's
 /// default `max_request_headers_kb`, 60 KiB. A larger one gets 431 and is counted
-/// (`downstream_rq_headers_too_large`); the connection goes on.
+/// (`downstream_rq_headers_too_large`); the connection goes on. The encoded HEADERS frame
+/// is bounded by the same figure before it is buffered ([`crate::h3limit`]).
 pub const MAX_REQUEST_HEADERS_BYTES: u64 = 60 * 1024;
 
 async fn handle_connection(incoming: quinn::Incoming, ctx: Arc<ListenerCtx>) {
@@ -157,7 +157,10 @@ async fn handle_connection(incoming: quinn::Incoming, ctx: Arc<ListenerCtx>) {
         //# SETTINGS_H3_DATAGRAM setting with a value of 1.
         .enable_datagram(true)
         .max_field_section_size(MAX_REQUEST_HEADERS_BYTES)
-        .build::<_, Bytes>(h3_quinn::Connection::new(conn.clone()))
+        // Every stream the client opens is read through a frame guard: h3 buffers a
+        // non-DATA frame whole before looking at it, the guard refuses one over the limit
+        // as soon as its length is known (see h3limit).
+        .build::<_, Bytes>(crate::h3limit::GuardedConnection::new(conn.clone()))
         .await;
     let mut h3_conn = match h3_conn {
         Ok(c) => c,
@@ -187,7 +190,7 @@ async fn handle_connection(incoming: quinn::Incoming, ctx: Arc<ListenerCtx>) {
                     let shutdown = shutdown.clone();
                     let peer = peer.clone();
                     requests.spawn(crate::supervise::guard("h3 request", async move {
-                        match resolver.resolve_request().await {
+                        match resolve_request(resolver).await {
                             Ok((req, stream)) => {
                                 let rq = ctx.stats.request();
                                 let keep_headers = !ctx.access_logs.is_empty();
@@ -245,6 +248,31 @@ async fn handle_connection(incoming: quinn::Incoming, ctx: Arc<ListenerCtx>) {
     if draining {
         conn.close(quinn::VarInt::from_u32(0x100), b"drained");
     }
+}
+
+/// h3's `resolve_request`, except that a request head the frame guard refused (a HEADERS
+/// frame announcing more than the limit, or too many bytes before it) is answered the way
+/// h3 answers a header section that decodes over the limit: h3 is handed a small block
+/// that decodes over it, sends 431 and returns `HeaderTooBig`. The oversized bytes are
+/// never buffered: the guard has already stopped the stream (STOP_SENDING H3_NO_ERROR).
+async fn resolve_request(
+    mut resolver: h3::server::RequestResolver<crate::h3limit::GuardedConnection, Bytes>,
+) -> Result<(http::Request<()>, H3Stream), h3::error::StreamError> {
+    use h3::frame::FrameStreamError;
+    use h3::quic::StreamErrorIncoming;
+    let frame = std::future::poll_fn(|cx| resolver.frame_stream.poll_next(cx)).await;
+    let frame = match frame {
+        Err(FrameStreamError::Quic(StreamErrorIncoming::Unknown(e)))
+            if crate::h3limit::FrameTooLarge::is_request_head(e.as_ref()) =>
+        {
+            tracing::debug!("{e}");
+            Ok(Some(h3::proto::frame::Frame::Headers(
+                crate::h3limit::over_limit_header_block(MAX_REQUEST_HEADERS_BYTES),
+            )))
+        }
+        other => other,
+    };
+    resolver.accept_with_frame(frame)?.resolve().await
 }
 
 fn header_str<'a>(req: &'a http::Request<()>, name: &str) -> Option<&'a str> {

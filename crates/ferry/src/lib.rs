@@ -17,6 +17,7 @@ pub mod dfp;
 pub mod dns_client;
 pub mod encap;
 pub mod forward;
+pub mod h3limit;
 pub mod h3server;
 pub mod limits;
 pub mod policy;

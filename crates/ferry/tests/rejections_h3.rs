@@ -174,3 +174,101 @@ async fn logical_dns_cluster() {
     let got = echo_until_received(&mut t, b"via dns").await;
     assert_eq!(&got[..], b"via dns");
 }
+
+/// Open a raw request stream on the client's connection, send `head` (frame bytes h3
+/// would buffer whole), then zeros until the proxy stops the stream. Returns the bytes the
+/// proxy let the client write, the STOP_SENDING code, and what came back on the stream.
+async fn write_until_stopped(
+    conn: &quinn::Connection,
+    head: &[u8],
+    total: usize,
+) -> (usize, quinn::VarInt, Vec<u8>) {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(head).await.unwrap();
+    let mut written = head.len();
+    let chunk = vec![0u8; 16 * 1024];
+    let code = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match send.write(&chunk).await {
+                Ok(n) => {
+                    written += n;
+                    assert!(written < total, "the proxy took all {written} bytes");
+                }
+                Err(quinn::WriteError::Stopped(code)) => break code,
+                Err(e) => panic!("write failed: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("the proxy never stopped the stream");
+    let response = tokio::time::timeout(DEADLINE, recv.read_to_end(64 * 1024))
+        .await
+        .expect("no response")
+        .unwrap();
+    (written, code, response)
+}
+
+/// quinn's default stream receive window: all a client can send on a stream that the
+/// proxy has stopped reading.
+const STREAM_WINDOW: usize = 1_250_000;
+/// RFC 9114 section 8.1.
+const H3_NO_ERROR: u32 = 0x100;
+
+/// A HEADERS frame announcing 8 MiB (issue #9): refused as soon as its length is read,
+/// not after h3 has buffered it. The client can write no more than one stream window
+/// (what QUIC lets it send before the proxy's STOP_SENDING), gets 431 with
+/// STOP_SENDING(H3_NO_ERROR) (RFC 9114 section 4.1.1), and is counted. The same
+/// connection and a new one keep their service. Also when the bytes before the head are
+/// unknown frames (each small, or one huge).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_header_frame_is_refused_before_it_is_buffered() {
+    let (proxy, target) = start_default().await;
+    let mut client = proxy.client(true).await;
+    let eight_mib = 8 << 20;
+    // Frame type 0x01 (HEADERS), length 8 MiB as a 4-byte varint.
+    let headers = [0x01, 0x80, 0x80, 0x00, 0x00];
+    // A reserved frame type (0x21) announcing 8 MiB, then the same HEADERS.
+    let unknown_huge = [0x21, 0x80, 0x80, 0x00, 0x00];
+    // Many 1,000-byte reserved frames: small each, but more than the head may take.
+    let mut unknown_many = Vec::new();
+    for _ in 0..70 {
+        unknown_many.extend_from_slice(&[0x21, 0x43, 0xe8]);
+        unknown_many.extend_from_slice(&[0; 1000]);
+    }
+    let stat = "http.ingress_http.downstream_rq_headers_too_large";
+    for (i, head) in [&headers[..], &unknown_huge, &unknown_many]
+        .into_iter()
+        .enumerate()
+    {
+        let (written, code, response) = write_until_stopped(&client.conn, head, eight_mib).await;
+        assert!(
+            written <= head.len() + STREAM_WINDOW,
+            "case {i}: the client wrote {written} bytes"
+        );
+        assert_eq!(code, quinn::VarInt::from_u32(H3_NO_ERROR), "case {i}");
+        // The response: one HEADERS frame (type 0x01) whose QPACK block carries
+        // `:status` (a static-table name reference, 0x5f 0x09 = index 24) with "431",
+        // Huffman-coded (0x83: Huffman, 3 bytes) or not (0x03, "431").
+        assert_eq!(response.first(), Some(&0x01), "case {i}: {response:02x?}");
+        let block = &response[2..];
+        let huffman_431 = [0x5f, 0x09, 0x83, 0x69, 0x90, 0xff];
+        let plain_431 = [0x5f, 0x09, 0x03, b'4', b'3', b'1'];
+        assert!(
+            block.windows(6).any(|w| w == huffman_431 || w == plain_431),
+            "case {i}: not a 431: {response:02x?}"
+        );
+        proxy.wait_stat(stat, i as u64 + 1).await;
+        println!("case {i}: the client could write {written} bytes before STOP_SENDING");
+    }
+    assert_eq!(proxy.stat("http.ingress_http.downstream_rq_4xx"), 3);
+
+    // The same connection and a new one still get tunnels.
+    let mut t = client.open(PATH, &[], false).await.unwrap();
+    assert_eq!(t.status, 200);
+    assert_eq!(echo_until_received(&mut t, b"same").await.as_ref(), b"same");
+    let mut other = proxy.client(true).await;
+    let mut t = other.open(PATH, &[], false).await.unwrap();
+    assert_eq!(t.status, 200);
+    assert_eq!(echo_until_received(&mut t, b"new").await.as_ref(), b"new");
+    assert!(target.seen().iter().all(|d| d == "same" || d == "new"));
+}
