@@ -13,12 +13,34 @@ use tokio::sync::mpsc;
 
 use crate::stats::{ConnectUdpStats, DropReason};
 
+/// One HTTP/3 datagram as it arrived in a QUIC DATAGRAM frame: the quarter stream id
+/// (`header_len` bytes) and the HTTP Datagram payload after it, in one buffer.
+#[derive(Debug, Clone)]
+pub struct H3Datagram {
+    pub bytes: Bytes,
+    pub header_len: usize,
+}
+
+impl H3Datagram {
+    /// The HTTP Datagram payload (context id and what follows), uncopied.
+    pub fn payload(&self) -> Bytes {
+        self.bytes.slice(self.header_len..)
+    }
+}
+
 /// Where the datagrams of one tunnel go.
 pub trait DatagramSink: Send + Sync {
     /// Deliver one HTTP Datagram payload (context id and what follows; the quarter stream
     /// id already removed). The sink counts what it delivers; `Err` names why the datagram
     /// was dropped, and the demux counts that.
     fn deliver(&self, http_datagram_payload: Bytes) -> Result<(), DropReason>;
+
+    /// Deliver one datagram as received, quarter stream id still in front: what the demux
+    /// calls. A sink that sends it on as an HTTP/3 datagram can re-tag it in place (see
+    /// `forward::retag`); the others take the payload, as `deliver`.
+    fn deliver_h3(&self, datagram: H3Datagram) -> Result<(), DropReason> {
+        self.deliver(datagram.payload())
+    }
 
     /// The demux dropped a datagram `deliver` refused (for the sink's own totals, such as
     /// a tunnel's access log line). Nothing by default.
@@ -168,7 +190,10 @@ fn route(tunnels: &HashMap<u64, Arc<dyn DatagramSink>>, dg: Bytes, stats: &Conne
     let Some(sink) = tunnels.get(&qsid) else {
         return stats.drop(DropReason::NoSuchStream);
     };
-    if let Err(reason) = sink.deliver(dg.slice(header_len..)) {
+    if let Err(reason) = sink.deliver_h3(H3Datagram {
+        bytes: dg,
+        header_len,
+    }) {
         stats.drop(reason);
         sink.dropped(reason);
     }
