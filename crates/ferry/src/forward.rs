@@ -20,7 +20,7 @@ use ferry_proto::capsule::{self, Capsule, CapsuleDecoder};
 use h3::error::Code;
 use tokio::sync::mpsc;
 
-use crate::demux::{DatagramSink, RegistrationGuard, Registry};
+use crate::demux::{DatagramSink, H3Datagram, RegistrationGuard, Registry};
 use crate::stats::{ConnectUdpStats, DropReason, Encoding};
 use crate::stream::{StreamRecv, StreamSend};
 use crate::tunnel::MAX_CAPSULE_LEN;
@@ -87,29 +87,33 @@ impl HopSink {
         peer.settings().enable_datagram().then_some((conn, *id))
     }
 
-    /// Send one HTTP Datagram payload as a QUIC datagram on the hop.
+    /// Send one HTTP/3 datagram as a QUIC datagram on the hop, re-tagged with the hop's
+    /// quarter stream id (in place when it can be: [`retag`]).
     fn send_quic(
         &self,
         conn: &quinn::Connection,
         stream_id: u64,
-        payload: &[u8],
+        datagram: H3Datagram,
     ) -> Result<(), DropReason> {
-        let header = ferry_proto::varint::encoded_len(stream_id / 4);
+        let qsid = stream_id / 4;
+        let payload_len = datagram.bytes.len().saturating_sub(datagram.header_len);
+        let header = if fits_varint(qsid, datagram.header_len) {
+            datagram.header_len
+        } else {
+            ferry_proto::varint::encoded_len(qsid)
+        };
         let Some(max) = conn.max_datagram_size() else {
             return Err(DropReason::TooLarge);
         };
-        if header + payload.len() > max {
+        if header + payload_len > max {
             return Err(DropReason::TooLarge);
         }
-        if conn.datagram_send_buffer_space() < header + payload.len() {
+        if conn.datagram_send_buffer_space() < header + payload_len {
             return Err(DropReason::BufferFull);
         }
-        let mut out = BytesMut::with_capacity(header + payload.len());
-        ferry_proto::varint::put(stream_id / 4, &mut out).map_err(|_| DropReason::Malformed)?;
-        out.extend_from_slice(payload);
-        match conn.send_datagram(out.freeze()) {
+        match conn.send_datagram(retag(datagram, qsid)?) {
             Ok(()) => {
-                self.record(Encoding::QuicDatagram, payload.len());
+                self.record(Encoding::QuicDatagram, payload_len);
                 Ok(())
             }
             Err(quinn::SendDatagramError::TooLarge) => Err(DropReason::TooLarge),
@@ -118,15 +122,79 @@ impl HopSink {
     }
 }
 
+/// Whether `v` can be written as a varint of exactly `len` bytes (varints need not be
+/// minimal: RFC 9000 section 16).
+fn fits_varint(v: u64, len: usize) -> bool {
+    match len {
+        1 => v < 1 << 6,
+        2 => v < 1 << 14,
+        4 => v < 1 << 30,
+        8 => v <= ferry_proto::varint::MAX,
+        _ => false,
+    }
+}
+
+/// Write `v` as a varint filling `out` (1, 2, 4 or 8 bytes; checked by [`fits_varint`]).
+fn write_varint_exact(v: u64, out: &mut [u8]) {
+    let n = out.len();
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = (v >> (8 * (n - 1 - i))) as u8;
+    }
+    let prefix = match n {
+        1 => 0x00,
+        2 => 0x40,
+        4 => 0x80,
+        _ => 0xc0,
+    };
+    if let Some(first) = out.first_mut() {
+        *first |= prefix;
+    }
+}
+
+/// `datagram` re-tagged with quarter stream id `qsid` for the other hop. The quarter stream
+/// id is overwritten in place when the old one's bytes can hold the new one and the buffer
+/// is not shared (`Bytes::try_into_mut`): no allocation, no copy. Otherwise (a buffer shared
+/// with other datagrams of the same receive batch, or an id of another length) the payload
+/// is copied behind the new id.
+pub(crate) fn retag(datagram: H3Datagram, qsid: u64) -> Result<Bytes, DropReason> {
+    let H3Datagram {
+        mut bytes,
+        header_len,
+    } = datagram;
+    if fits_varint(qsid, header_len) && bytes.len() >= header_len {
+        match bytes.try_into_mut() {
+            Ok(mut unique) => {
+                write_varint_exact(qsid, &mut unique[..header_len]);
+                return Ok(unique.freeze());
+            }
+            Err(shared) => bytes = shared,
+        }
+    }
+    let payload = bytes.get(header_len..).ok_or(DropReason::Malformed)?;
+    let mut out = BytesMut::with_capacity(ferry_proto::varint::encoded_len(qsid) + payload.len());
+    ferry_proto::varint::put(qsid, &mut out).map_err(|_| DropReason::Malformed)?;
+    out.extend_from_slice(payload);
+    Ok(out.freeze())
+}
+
 impl DatagramSink for HopSink {
-    /// A QUIC datagram from the other hop.
+    /// A datagram from the early queue (payload only): as [`Self::deliver_h3`].
     fn deliver(&self, payload: Bytes) -> Result<(), DropReason> {
+        self.deliver_h3(H3Datagram {
+            bytes: payload,
+            header_len: 0,
+        })
+    }
+
+    /// A QUIC datagram from the other hop.
+    fn deliver_h3(&self, datagram: H3Datagram) -> Result<(), DropReason> {
         match self.quic_datagrams() {
             //= https://www.rfc-editor.org/rfc/rfc9297#section-3.5
             //# intermediaries ... SHOULD NOT convert ... a DATAGRAM frame ... too large
             // An intermediary drops it rather than turning it into a capsule.
-            Some((conn, id)) => self.send_quic(conn, id, &payload),
+            Some((conn, id)) => self.send_quic(conn, id, datagram),
             None => {
+                let payload = datagram.payload();
                 let len = payload.len();
                 self.capsules
                     .try_send(payload)
@@ -193,7 +261,11 @@ async fn pump(
                         if let Some((sink, (conn, id))) =
                             convert.and_then(|s| s.quic_datagrams().map(|q| (s, q)))
                         {
-                            if sink.send_quic(conn, id, p).is_ok() {
+                            let datagram = H3Datagram {
+                                bytes: p.clone(),
+                                header_len: 0,
+                            };
+                            if sink.send_quic(conn, id, datagram).is_ok() {
                                 continue;
                             }
                         }
@@ -785,4 +857,87 @@ pub async fn forward_h3(
     crate::accesslog::note(|r| r.tunnel_ended(end));
     tracing::debug!(down_stream_id, ?end, "forwarded tunnel closed");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use ferry_proto::datagram;
+
+    fn h3(qsid: u64, payload: &[u8]) -> H3Datagram {
+        let mut b = BytesMut::new();
+        ferry_proto::varint::put(qsid, &mut b).unwrap();
+        b.extend_from_slice(payload);
+        H3Datagram {
+            header_len: ferry_proto::varint::encoded_len(qsid),
+            bytes: b.freeze(),
+        }
+    }
+
+    /// Same id length and an unshared buffer: the id is overwritten where it is, the
+    /// buffer reused (no allocation, no copy).
+    #[test]
+    fn retag_in_place_when_unique_and_same_length() {
+        let dg = h3(5, b"\x00payload");
+        let before = dg.bytes.as_ptr();
+        let out = retag(dg, 60).unwrap();
+        assert_eq!(out.as_ptr(), before, "rewritten in place");
+        assert_eq!(
+            datagram::decode_h3(&out).unwrap(),
+            (60, &b"\x00payload"[..])
+        );
+    }
+
+    /// A shorter new id fits a longer old one, written non-minimally (RFC 9000 allows it).
+    #[test]
+    fn retag_in_place_non_minimal() {
+        let dg = h3(1000, b"\x00x");
+        let before = dg.bytes.as_ptr();
+        let out = retag(dg, 2).unwrap();
+        assert_eq!(out.as_ptr(), before);
+        assert_eq!(out.len(), 4);
+        assert_eq!(datagram::decode_h3(&out).unwrap(), (2, &b"\x00x"[..]));
+    }
+
+    /// A shared buffer, or a new id longer than the old one: copied, the original intact.
+    #[test]
+    fn retag_copies_when_shared_or_longer() {
+        let dg = h3(5, b"\x00abc");
+        let keep = dg.bytes.clone();
+        let out = retag(dg, 7).unwrap();
+        assert_ne!(out.as_ptr(), keep.as_ptr());
+        assert_eq!(datagram::decode_h3(&out).unwrap(), (7, &b"\x00abc"[..]));
+        assert_eq!(datagram::decode_h3(&keep).unwrap(), (5, &b"\x00abc"[..]));
+
+        let out = retag(h3(5, b"\x00abc"), 100_000).unwrap();
+        assert_eq!(
+            datagram::decode_h3(&out).unwrap(),
+            (100_000, &b"\x00abc"[..])
+        );
+
+        // A payload without a quarter stream id (a capsule's, header_len 0) gets one.
+        let out = retag(
+            H3Datagram {
+                bytes: Bytes::from_static(b"\x00abc"),
+                header_len: 0,
+            },
+            9,
+        )
+        .unwrap();
+        assert_eq!(datagram::decode_h3(&out).unwrap(), (9, &b"\x00abc"[..]));
+    }
+
+    #[test]
+    fn varint_exact_lengths() {
+        for (v, len) in [(0u64, 1usize), (63, 1), (63, 8), (16383, 2), (1 << 29, 4)] {
+            assert!(fits_varint(v, len));
+            let mut buf = vec![0u8; len];
+            write_varint_exact(v, &mut buf);
+            assert_eq!(ferry_proto::varint::decode(&buf).unwrap(), (v, len));
+        }
+        assert!(!fits_varint(64, 1));
+        assert!(!fits_varint(1 << 14, 2));
+        assert!(!fits_varint(1, 3));
+    }
 }
