@@ -36,28 +36,7 @@ fn udp_proxy_yaml(s: &Spec) -> String {
         })
         .collect();
     format!(
-        r#"admin:
-  address:
-    socket_address: {{ address: 127.0.0.1, port_value: 0 }}
-static_resources:
-  listeners:
-  - name: udp_in
-    address:
-      socket_address: {{ protocol: UDP, address: 127.0.0.1, port_value: 0 }}
-    listener_filters:
-    - name: envoy.filters.udp_listener.udp_proxy
-      typed_config:
-        "@type": type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.UdpProxyConfig
-        stat_prefix: tunnel
-        idle_timeout: {idle}
-        matcher:
-          on_no_match:
-            action:
-              name: route
-              typed_config:
-                "@type": type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.Route
-                cluster: proxy
-        session_filters:
+        r#"{head}        session_filters:
         - name: envoy.filters.udp.session.http_capsule
           typed_config:
             "@type": type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.session.http_capsule.v3.FilterConfig
@@ -90,7 +69,7 @@ static_resources:
               trusted_ca:
                 inline_string: |
 {ca}"#,
-        idle = s.idle_timeout,
+        head = udp_listener_head("tunnel", s.idle_timeout, "proxy"),
         extra = s.tunneling_extra,
         connect_timeout = s.connect_timeout,
         ca = indent(s.ca_pem, 18),
@@ -680,28 +659,7 @@ async fn plain_udp_proxying_without_tunneling_config() {
     let target = EchoTarget::start().await;
     let path = temp_log("plain.log");
     let yaml = format!(
-        r#"admin:
-  address:
-    socket_address: {{ address: 127.0.0.1, port_value: 0 }}
-static_resources:
-  listeners:
-  - name: udp_in
-    address:
-      socket_address: {{ protocol: UDP, address: 127.0.0.1, port_value: 0 }}
-    listener_filters:
-    - name: envoy.filters.udp_listener.udp_proxy
-      typed_config:
-        "@type": type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.UdpProxyConfig
-        stat_prefix: plain
-        idle_timeout: 0.5s
-        matcher:
-          on_no_match:
-            action:
-              name: route
-              typed_config:
-                "@type": type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.Route
-                cluster: service
-{log}  clusters:
+        r#"{head}{log}  clusters:
   - name: service
     type: STATIC
     load_assignment:
@@ -712,6 +670,7 @@ static_resources:
             address:
               socket_address: {{ address: 127.0.0.1, port_value: {port} }}
 "#,
+        head = udp_listener_head("plain", "0.5s", "service"),
         log = session_log(
             &path,
             "%ACCESS_LOG_TYPE% %UPSTREAM_HOST% %BYTES_RECEIVED% %BYTES_SENT% %RESPONSE_FLAGS%",
@@ -858,28 +817,7 @@ impl PostTunnelServer {
 /// `propagate_response_headers` and `propagate_response_trailers`, a session log at `log`.
 fn post_udp_proxy_yaml(server: SocketAddr, log: &std::path::Path) -> String {
     format!(
-        r#"admin:
-  address:
-    socket_address: {{ address: 127.0.0.1, port_value: 0 }}
-static_resources:
-  listeners:
-  - name: udp_in
-    address:
-      socket_address: {{ protocol: UDP, address: 127.0.0.1, port_value: 0 }}
-    listener_filters:
-    - name: envoy.filters.udp_listener.udp_proxy
-      typed_config:
-        "@type": type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.UdpProxyConfig
-        stat_prefix: tunnel
-        idle_timeout: 10s
-        matcher:
-          on_no_match:
-            action:
-              name: route
-              typed_config:
-                "@type": type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.Route
-                cluster: proxy
-        session_filters:
+        r#"{head}        session_filters:
         - name: envoy.filters.udp.session.http_capsule
           typed_config:
             "@type": type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.session.http_capsule.v3.FilterConfig
@@ -912,6 +850,7 @@ static_resources:
         explicit_http_config:
           http2_protocol_options: {{}}
 "#,
+        head = udp_listener_head("tunnel", "10s", "proxy"),
         log = session_log(
             log,
             "%ACCESS_LOG_TYPE%|%RESPONSE_FLAGS%|%FILTER_STATE(envoy.udp_proxy.propagate_response_headers:TYPED)%|%FILTER_STATE(envoy.udp_proxy.propagate_response_trailers:TYPED)%",
@@ -1000,4 +939,33 @@ async fn use_post_refusal_fails_the_session() {
     assert_eq!(server.seen().len(), 1);
     assert_eq!(server.seen()[0].0, http::Method::POST);
     assert_eq!(proxy.stat(&format!("{C}udp.sess_tunnel_failure")), 1);
+}
+
+/// The admin block and a UDP listener with Envoy's udp_proxy filter (`stat_prefix`,
+/// `idle_timeout`, every datagram routed to `cluster`), up to the filter's further fields.
+fn udp_listener_head(stat_prefix: &str, idle: impl std::fmt::Display, cluster: &str) -> String {
+    format!(
+        r#"admin:
+  address:
+    socket_address: {{ address: 127.0.0.1, port_value: 0 }}
+static_resources:
+  listeners:
+  - name: udp_in
+    address:
+      socket_address: {{ protocol: UDP, address: 127.0.0.1, port_value: 0 }}
+    listener_filters:
+    - name: envoy.filters.udp_listener.udp_proxy
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.UdpProxyConfig
+        stat_prefix: {stat_prefix}
+        idle_timeout: {idle}
+        matcher:
+          on_no_match:
+            action:
+              name: route
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.Route
+                cluster: {cluster}
+"#
+    )
 }
