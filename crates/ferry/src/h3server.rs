@@ -189,15 +189,21 @@ async fn handle_connection(incoming: quinn::Incoming, ctx: Arc<ListenerCtx>) {
                     let registry = registry.clone();
                     let shutdown = shutdown.clone();
                     let peer = peer.clone();
+                    // A tunnel's task lives as long as the tunnel, and a future's size is
+                    // that of its largest state: so the request task only holds boxes, and
+                    // each phase's state is freed when the phase ends (the request head's
+                    // parsing before the tunnel starts, forwarding's larger state only when
+                    // forwarding). This took an idle tunnel from 20.5 to about 12 KiB.
+                    let resolver = Box::new(resolver);
                     requests.spawn(crate::supervise::guard("h3 request", async move {
-                        match resolve_request(resolver).await {
+                        match Box::pin(resolve_request(*resolver)).await {
                             Ok((req, stream)) => {
                                 let rq = ctx.stats.request();
                                 let keep_headers = !ctx.access_logs.is_empty();
                                 let record = RequestRecord::new(&req, &conn, local, keep_headers);
                                 let record = Arc::new(std::sync::Mutex::new(record));
                                 let down = crate::forward::Downstream { stream, conn, registry, peer };
-                                accesslog::scope(record.clone(), handle_request(req, down, &ctx, shutdown)).await;
+                                Box::pin(accesslog::scope(record.clone(), handle_request(req, down, &ctx, shutdown))).await;
                                 accesslog::finish(&ctx.stats, &ctx.access_logs, &record);
                                 drop(rq);
                             }
@@ -311,14 +317,14 @@ async fn handle_request(
     tracing::debug!(method = head.method, path = ?head.path, authority = ?head.authority, ?plan, "request");
     let result = match plan {
         Ok(Plan::Terminate { cluster, target }) => {
-            terminate(down, &hcm, ctx, &cluster, &target, shutdown).await
+            Box::pin(terminate(down, &hcm, ctx, &cluster, &target, shutdown)).await
         }
         Ok(Plan::Forward { cluster, authority }) => {
             if let Some((name, value)) = forward_user {
                 req.headers_mut().insert(name, value);
             }
-            // Boxed: the forwarding future is twice the size of termination's, and every
-            // request's task would otherwise reserve room for it (about 5 KiB per tunnel).
+            // Boxed, as termination is: each request then holds only the state of the
+            // path it takes.
             Box::pin(crate::forward::forward_h3(
                 down,
                 &req,

@@ -29,17 +29,21 @@ pub fn panic_counter() -> &'static Counter {
 }
 
 /// Run `fut`; if it panics, log and count the panic and return `None`.
-pub async fn guard<F>(what: &'static str, fut: F) -> Option<F::Output>
+///
+/// Not an `async fn`: that would store `fut` twice in its state (once as the argument,
+/// once inside the `catch_unwind` it awaits), and every request task would carry the copy
+/// for as long as its tunnel lives.
+pub fn guard<F>(what: &'static str, fut: F) -> impl Future<Output = Option<F::Output>>
 where
     F: Future,
 {
-    match AssertUnwindSafe(fut).catch_unwind().await {
+    AssertUnwindSafe(fut).catch_unwind().map(move |r| match r {
         Ok(v) => Some(v),
         Err(payload) => {
             record(what, payload.as_ref());
             None
         }
-    }
+    })
 }
 
 /// `tokio::spawn` with [`guard`]: a panic in `fut` is logged and counted.
@@ -47,9 +51,7 @@ pub fn spawn<F>(what: &'static str, fut: F) -> tokio::task::JoinHandle<()>
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    tokio::spawn(async move {
-        let _ = guard(what, fut).await;
-    })
+    tokio::spawn(guard(what, fut).map(drop))
 }
 
 fn record(what: &'static str, payload: &(dyn Any + Send)) {
