@@ -31,14 +31,94 @@ pub const MAX_CAPSULE_LEN: u64 = (MAX_UDP_PAYLOAD + 8) as u64;
 /// (quarter stream id, context id).
 const HEADROOM: usize = 16;
 
-/// What one receive needs free: headroom and the largest UDP payload.
-const RECV_NEED: usize = HEADROOM + MAX_UDP_PAYLOAD + 1;
+/// Datagrams read from a target socket with one `recvmmsg`.
+const RECV_BATCH: usize = 8;
 
-/// Receive buffers are carved out of blocks of this size: each datagram takes only its own
-/// length from the block (then travels on as a `Bytes` slice of it, uncopied), so one
-/// allocation serves many datagrams. (Asking `BytesMut::reserve` for 64 KiB after each split
-/// would allocate a fresh 64 KiB block per datagram.)
+/// Datagrams from a target are copied, each behind its headroom, out of the receive area into
+/// blocks of this size, and travel on as `Bytes` slices of a block: one allocation serves many
+/// datagrams.
 const RECV_BLOCK: usize = 256 * 1024;
+
+/// Where `recvmmsg` writes: `RECV_BATCH` slots of the largest UDP payload, one area per
+/// thread, reused by every tunnel that thread runs (each read is copied out before the task
+/// yields). Allocated zeroed, so only the pages datagrams touch become resident.
+struct RecvArea {
+    slots: Vec<u8>,
+    meta: [quinn_udp::RecvMeta; RECV_BATCH],
+}
+
+thread_local! {
+    static RECV_AREA: std::cell::RefCell<Option<RecvArea>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Read up to `RECV_BATCH` datagrams from the target with one system call, and append each
+/// to `out` as headroom plus payload (carved from `block`).
+///
+/// A plain `recv` loop spends a second system call per wake-up to learn the socket is empty
+/// (`EAGAIN`). A batch that comes back short already says so: tokio's readiness is then
+/// cleared at once (`try_io` clears it when the closure reports `WouldBlock`, and keeps it if
+/// the socket became readable again meanwhile). Returns `Err` only when the socket failed.
+fn recv_batch(udp: &UdpSocket, block: &mut BytesMut, out: &mut Vec<BytesMut>) -> io::Result<()> {
+    let Some(state) = gso() else {
+        // No quinn-udp on this platform: one datagram per call.
+        if block.capacity() < HEADROOM + MAX_UDP_PAYLOAD + 1 {
+            *block = BytesMut::with_capacity(RECV_BLOCK);
+        }
+        block.put_bytes(0, HEADROOM);
+        return match udp.try_recv_buf(block) {
+            Ok(_) => {
+                out.push(block.split());
+                Ok(())
+            }
+            Err(e) => {
+                block.clear();
+                ignore_would_block(e)
+            }
+        };
+    };
+    let res = udp.try_io(tokio::io::Interest::READABLE, || {
+        RECV_AREA.with(|area| {
+            let mut area = area.borrow_mut();
+            let area = area.get_or_insert_with(|| RecvArea {
+                slots: vec![0; RECV_BATCH * MAX_UDP_PAYLOAD],
+                meta: [quinn_udp::RecvMeta::default(); RECV_BATCH],
+            });
+            let RecvArea { slots, meta } = area;
+            let mut bufs: [io::IoSliceMut<'_>; RECV_BATCH] = {
+                let mut chunks = slots.chunks_exact_mut(MAX_UDP_PAYLOAD);
+                std::array::from_fn(|_| io::IoSliceMut::new(chunks.next().unwrap_or(&mut [])))
+            };
+            let n = state.recv(udp.into(), &mut bufs, meta)?;
+            for (buf, m) in bufs.iter().zip(meta.iter()).take(n) {
+                // Target sockets have no GRO: one datagram per message.
+                let payload = buf.get(..m.len).unwrap_or_default();
+                if block.capacity() - block.len() < HEADROOM + payload.len() {
+                    *block = BytesMut::with_capacity(RECV_BLOCK.max(HEADROOM + payload.len()));
+                }
+                block.put_bytes(0, HEADROOM);
+                block.extend_from_slice(payload);
+                out.push(block.split());
+            }
+            if n < RECV_BATCH {
+                // Drained: let tokio clear the readiness now instead of after another call.
+                // (An error that ends a batch early is kept by the kernel for the next read,
+                // which the next datagram or error from the target wakes.)
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(())
+            }
+        })
+    });
+    res.or_else(ignore_would_block)
+}
+
+fn ignore_would_block(e: io::Error) -> io::Result<()> {
+    if e.kind() == io::ErrorKind::WouldBlock {
+        Ok(())
+    } else {
+        Err(e)
+    }
+}
 
 /// Open a UDP socket connected to `target`, with large buffers.
 pub fn connect_udp(target: SocketAddr) -> io::Result<UdpSocket> {
@@ -569,70 +649,64 @@ async fn target_to_client<S: StreamSend>(
 ) -> End {
     use h3::ConnectionState;
     let stats = &shared.stats;
-    let mut buf = BytesMut::new();
+    // Both empty until the first datagram: an idle tunnel holds no receive buffer.
+    let mut block = BytesMut::new();
+    let mut batch: Vec<BytesMut> = Vec::new();
     let h3_header_len = datagrams.map_or(0, |d| datagram::h3_header_len(d.stream_id));
     loop {
-        // Wait first, allocate after: an idle tunnel holds no receive buffer.
         if let Err(_e) = shared.udp.readable().await {
             return End::Reset(ResetReason::SocketError);
         }
-        buf.clear();
-        if buf.capacity() < RECV_NEED {
-            buf = BytesMut::with_capacity(RECV_BLOCK);
+        if recv_batch(&shared.udp, &mut block, &mut batch).is_err() {
+            //= https://www.rfc-editor.org/rfc/rfc9298#section-3.1
+            //# If the UDP proxy is notified by its operating system that its socket is no
+            //# longer usable, it MUST close the request stream.
+            return End::Reset(ResetReason::SocketError);
         }
-        buf.put_bytes(0, HEADROOM);
-        match shared.udp.try_recv_buf(&mut buf) {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(_) => {
-                //= https://www.rfc-editor.org/rfc/rfc9298#section-3.1
-                //# If the UDP proxy is notified by its operating system that its socket is no
-                //# longer usable, it MUST close the request stream.
-                return End::Reset(ResetReason::SocketError);
-            }
+        if !batch.is_empty() {
+            shared.active.store(true, Ordering::Relaxed);
         }
-        let len = buf.len() - HEADROOM;
-        stats.upstream_datagrams_rx.inc();
-        shared.active.store(true, Ordering::Relaxed);
+        for mut buf in batch.drain(..) {
+            let len = buf.len() - HEADROOM;
+            stats.upstream_datagrams_rx.inc();
 
-        //= https://www.rfc-editor.org/rfc/rfc9297#section-3.5
-        //# When sending HTTP Datagrams, endpoints ... MAY use QUIC DATAGRAM frames if the
-        //# peer has sent SETTINGS_H3_DATAGRAM with a value of 1.
-        let quic = datagrams.filter(|d| d.peer.settings().enable_datagram());
-        if let Some(DatagramOut {
-            conn, stream_id, ..
-        }) = quic
-        {
-            if let Some(max) = conn.max_datagram_size() {
-                if h3_header_len + len > max {
-                    //= https://www.rfc-editor.org/rfc/rfc9298#section-6.1
-                    //# If the UDP proxy does not have enough room to fit the
-                    //# UDP payload in a QUIC DATAGRAM frame, the UDP proxy SHOULD drop
-                    //# the UDP payload.
-                    stats.drop(DropReason::TooLarge);
+            //= https://www.rfc-editor.org/rfc/rfc9297#section-3.5
+            //# When sending HTTP Datagrams, endpoints ... MAY use QUIC DATAGRAM frames if the
+            //# peer has sent SETTINGS_H3_DATAGRAM with a value of 1.
+            let quic = datagrams.filter(|d| d.peer.settings().enable_datagram());
+            if let Some(DatagramOut {
+                conn, stream_id, ..
+            }) = quic
+            {
+                if let Some(max) = conn.max_datagram_size() {
+                    if h3_header_len + len > max {
+                        //= https://www.rfc-editor.org/rfc/rfc9298#section-6.1
+                        //# If the UDP proxy does not have enough room to fit the
+                        //# UDP payload in a QUIC DATAGRAM frame, the UDP proxy SHOULD drop
+                        //# the UDP payload.
+                        stats.drop(DropReason::TooLarge);
+                        continue;
+                    }
+                    let start = HEADROOM - h3_header_len;
+                    datagram::write_h3_udp_header(*stream_id, &mut buf[start..HEADROOM]);
+                    buf.advance(start);
+                    match conn.send_datagram_wait(buf.freeze()).await {
+                        Ok(()) => stats.tx.record(Encoding::QuicDatagram, len),
+                        Err(quinn::SendDatagramError::TooLarge) => stats.drop(DropReason::TooLarge),
+                        Err(_) => return End::ClientGone,
+                    }
                     continue;
                 }
-                let start = HEADROOM - h3_header_len;
-                let mut frame = buf.split();
-                datagram::write_h3_udp_header(*stream_id, &mut frame[start..HEADROOM]);
-                frame.advance(start);
-                match conn.send_datagram_wait(frame.freeze()).await {
-                    Ok(()) => stats.tx.record(Encoding::QuicDatagram, len),
-                    Err(quinn::SendDatagramError::TooLarge) => stats.drop(DropReason::TooLarge),
-                    Err(_) => return End::ClientGone,
-                }
-                continue;
             }
+            let hlen = datagram::capsule_header_len(len);
+            let start = HEADROOM - hlen;
+            datagram::write_capsule_udp_header(len, &mut buf[start..HEADROOM]);
+            buf.advance(start);
+            if send.send(buf.freeze()).await.is_err() {
+                return End::ClientGone;
+            }
+            stats.tx.record(Encoding::Capsule, len);
         }
-        let hlen = datagram::capsule_header_len(len);
-        let start = HEADROOM - hlen;
-        let mut capsule = buf.split();
-        datagram::write_capsule_udp_header(len, &mut capsule[start..HEADROOM]);
-        capsule.advance(start);
-        if send.send(capsule.freeze()).await.is_err() {
-            return End::ClientGone;
-        }
-        stats.tx.record(Encoding::Capsule, len);
     }
 }
 
@@ -650,6 +724,42 @@ mod tests {
             failed: Notify::new(),
             stats: HttpStats::new(&Store::new(), "t").connect_udp,
         }
+    }
+
+    /// Batched reads from a target: every datagram arrives once, in order, whole (up to the
+    /// largest UDP payload), behind its headroom; a short batch clears the socket's
+    /// readiness, so the next wait blocks until the target sends again.
+    #[tokio::test]
+    async fn recv_batch_reads_everything_in_order_and_clears_readiness() {
+        use futures_util::FutureExt;
+        let s = shared().await;
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        peer.connect(s.udp.local_addr().unwrap()).unwrap();
+        let mut sent: Vec<Vec<u8>> = (0..20u8)
+            .map(|i| vec![i; 1 + usize::from(i) * 50])
+            .collect();
+        sent.push(vec![0xab; 65_507]); // the largest UDP payload over IPv4
+        sent.push(b"after the big one".to_vec());
+        for d in &sent {
+            peer.send(d).unwrap();
+        }
+        let (mut block, mut out) = (BytesMut::new(), Vec::new());
+        while out.len() < sent.len() {
+            s.udp.readable().await.unwrap();
+            recv_batch(&s.udp, &mut block, &mut out).unwrap();
+        }
+        assert_eq!(out.len(), sent.len());
+        for (got, want) in out.iter().zip(&sent) {
+            assert_eq!(&got[HEADROOM..], &want[..]);
+        }
+        // Drained by a short batch: not readable until the target sends again.
+        assert!(s.udp.readable().now_or_never().is_none());
+        peer.send(b"again").unwrap();
+        s.udp.readable().await.unwrap();
+        out.clear();
+        recv_batch(&s.udp, &mut block, &mut out).unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(&out[0][HEADROOM..], b"again");
     }
 
     /// The idle timer fires between 1 and 1.25 timeouts after the last activity, and
