@@ -66,7 +66,15 @@ pub fn tls_config(opts: &ProxyOptions) -> Result<rustls::ClientConfig, String> {
 pub fn transport_config(opts: &ProxyOptions) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.enable_segmentation_offload(opts.gso);
-    if !opts.pmtud {
+    if opts.pmtud {
+        // A burst that loses packets (10,000 probes at once, say) can make quinn's black-hole
+        // detection drop the path MTU back to 1,200 bytes, and by default it waits a minute
+        // before probing again: 1,200-byte payloads are refused meanwhile. Probe again after
+        // a second, so a run recovers instead of timing out.
+        let mut mtu = quinn::MtuDiscoveryConfig::default();
+        mtu.black_hole_cooldown(Duration::from_secs(1));
+        t.mtu_discovery_config(Some(mtu));
+    } else {
         t.mtu_discovery_config(None);
     }
     if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(120)) {

@@ -36,15 +36,65 @@ const RECV_BATCH: usize = 8;
 
 /// Datagrams from a target are copied, each behind its headroom, out of the receive area into
 /// blocks of this size, and travel on as `Bytes` slices of a block: one allocation serves many
-/// datagrams.
+/// datagrams, of every tunnel the thread runs. A block is freed when quinn (or the stream) has
+/// sent the last datagram carved from it, so an idle tunnel holds no receive memory at all.
 const RECV_BLOCK: usize = 256 * 1024;
 
-/// Where `recvmmsg` writes: `RECV_BATCH` slots of the largest UDP payload, one area per
-/// thread, reused by every tunnel that thread runs (each read is copied out before the task
-/// yields). Allocated zeroed, so only the pages datagrams touch become resident.
+/// Where `recvmmsg` writes: `RECV_BATCH` slots of the largest UDP payload, and the block the
+/// datagrams are copied into. One per thread, shared by every tunnel the thread runs (a read
+/// is copied out before its task can yield). The slots are allocated zeroed, so only the
+/// pages datagrams touch become resident.
 struct RecvArea {
     slots: Vec<u8>,
     meta: [quinn_udp::RecvMeta; RECV_BATCH],
+    block: BytesMut,
+}
+
+impl RecvArea {
+    fn new() -> Self {
+        RecvArea {
+            slots: vec![0; RECV_BATCH * MAX_UDP_PAYLOAD],
+            meta: [quinn_udp::RecvMeta::default(); RECV_BATCH],
+            block: BytesMut::new(),
+        }
+    }
+
+    /// Headroom then `payload`, carved from the current block.
+    fn carve(block: &mut BytesMut, payload: &[u8]) -> BytesMut {
+        if block.capacity() - block.len() < HEADROOM + payload.len() {
+            *block = BytesMut::with_capacity(RECV_BLOCK.max(HEADROOM + payload.len()));
+        }
+        block.put_bytes(0, HEADROOM);
+        block.extend_from_slice(payload);
+        block.split()
+    }
+
+    /// One `recvmmsg`; `WouldBlock` when the batch came back short (the socket is drained).
+    fn read(
+        &mut self,
+        state: &quinn_udp::UdpSocketState,
+        udp: &UdpSocket,
+        out: &mut Vec<BytesMut>,
+    ) -> io::Result<()> {
+        let RecvArea { slots, meta, block } = self;
+        let mut bufs: [io::IoSliceMut<'_>; RECV_BATCH] = {
+            let mut chunks = slots.chunks_exact_mut(MAX_UDP_PAYLOAD);
+            std::array::from_fn(|_| io::IoSliceMut::new(chunks.next().unwrap_or(&mut [])))
+        };
+        let n = state.recv(udp.into(), &mut bufs, meta)?;
+        for (buf, m) in bufs.iter().zip(meta.iter()).take(n) {
+            // Target sockets have no GRO: one datagram per message.
+            out.push(Self::carve(block, buf.get(..m.len).unwrap_or_default()));
+        }
+        if n < RECV_BATCH {
+            // Drained: let tokio clear the readiness now instead of after another call.
+            // (An error that ends a batch early is kept by the kernel for the next read,
+            // which the next datagram or error from the target wakes.)
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(())
+        }
+    }
 }
 
 thread_local! {
@@ -52,62 +102,28 @@ thread_local! {
 }
 
 /// Read up to `RECV_BATCH` datagrams from the target with one system call, and append each
-/// to `out` as headroom plus payload (carved from `block`).
+/// to `out` as headroom plus payload.
 ///
 /// A plain `recv` loop spends a second system call per wake-up to learn the socket is empty
 /// (`EAGAIN`). A batch that comes back short already says so: tokio's readiness is then
 /// cleared at once (`try_io` clears it when the closure reports `WouldBlock`, and keeps it if
 /// the socket became readable again meanwhile). Returns `Err` only when the socket failed.
-fn recv_batch(udp: &UdpSocket, block: &mut BytesMut, out: &mut Vec<BytesMut>) -> io::Result<()> {
-    let Some(state) = gso() else {
-        // No quinn-udp on this platform: one datagram per call.
-        if block.capacity() < HEADROOM + MAX_UDP_PAYLOAD + 1 {
-            *block = BytesMut::with_capacity(RECV_BLOCK);
+fn recv_batch(udp: &UdpSocket, out: &mut Vec<BytesMut>) -> io::Result<()> {
+    let res = RECV_AREA.with(|area| {
+        let mut area = area.borrow_mut();
+        let area = area.get_or_insert_with(RecvArea::new);
+        match udp_state() {
+            Some(state) => udp.try_io(tokio::io::Interest::READABLE, || area.read(state, udp, out)),
+            // No quinn-udp on this platform: one datagram per call.
+            None => {
+                let len = udp.try_recv(&mut area.slots)?;
+                out.push(RecvArea::carve(
+                    &mut area.block,
+                    area.slots.get(..len).unwrap_or_default(),
+                ));
+                Ok(())
+            }
         }
-        block.put_bytes(0, HEADROOM);
-        return match udp.try_recv_buf(block) {
-            Ok(_) => {
-                out.push(block.split());
-                Ok(())
-            }
-            Err(e) => {
-                block.clear();
-                ignore_would_block(e)
-            }
-        };
-    };
-    let res = udp.try_io(tokio::io::Interest::READABLE, || {
-        RECV_AREA.with(|area| {
-            let mut area = area.borrow_mut();
-            let area = area.get_or_insert_with(|| RecvArea {
-                slots: vec![0; RECV_BATCH * MAX_UDP_PAYLOAD],
-                meta: [quinn_udp::RecvMeta::default(); RECV_BATCH],
-            });
-            let RecvArea { slots, meta } = area;
-            let mut bufs: [io::IoSliceMut<'_>; RECV_BATCH] = {
-                let mut chunks = slots.chunks_exact_mut(MAX_UDP_PAYLOAD);
-                std::array::from_fn(|_| io::IoSliceMut::new(chunks.next().unwrap_or(&mut [])))
-            };
-            let n = state.recv(udp.into(), &mut bufs, meta)?;
-            for (buf, m) in bufs.iter().zip(meta.iter()).take(n) {
-                // Target sockets have no GRO: one datagram per message.
-                let payload = buf.get(..m.len).unwrap_or_default();
-                if block.capacity() - block.len() < HEADROOM + payload.len() {
-                    *block = BytesMut::with_capacity(RECV_BLOCK.max(HEADROOM + payload.len()));
-                }
-                block.put_bytes(0, HEADROOM);
-                block.extend_from_slice(payload);
-                out.push(block.split());
-            }
-            if n < RECV_BATCH {
-                // Drained: let tokio clear the readiness now instead of after another call.
-                // (An error that ends a batch early is kept by the kernel for the next read,
-                // which the next datagram or error from the target wakes.)
-                Err(io::ErrorKind::WouldBlock.into())
-            } else {
-                Ok(())
-            }
-        })
     });
     res.or_else(ignore_would_block)
 }
@@ -258,13 +274,20 @@ const GSO_MAX_BYTES: usize = 65_000;
 /// plain options (quinn-udp's probe turns UDP GRO on, which plain receives must not see).
 /// None where the platform has no GSO.
 fn gso() -> Option<&'static quinn_udp::UdpSocketState> {
-    static GSO: std::sync::OnceLock<Option<quinn_udp::UdpSocketState>> = std::sync::OnceLock::new();
-    GSO.get_or_init(|| {
-        let probe = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0)).ok()?;
-        let state = quinn_udp::UdpSocketState::new((&probe).into()).ok()?;
-        (state.max_gso_segments() > 1).then_some(state)
-    })
-    .as_ref()
+    udp_state().filter(|state| state.max_gso_segments() > 1)
+}
+
+/// quinn-udp's view of the kernel, probed once on a socket of its own; also what batched
+/// reads (`recvmmsg`) go through. None where quinn-udp cannot work with this platform.
+fn udp_state() -> Option<&'static quinn_udp::UdpSocketState> {
+    static STATE: std::sync::OnceLock<Option<quinn_udp::UdpSocketState>> =
+        std::sync::OnceLock::new();
+    STATE
+        .get_or_init(|| {
+            let probe = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0)).ok()?;
+            quinn_udp::UdpSocketState::new((&probe).into()).ok()
+        })
+        .as_ref()
 }
 
 impl TunnelShared {
@@ -649,15 +672,14 @@ async fn target_to_client<S: StreamSend>(
 ) -> End {
     use h3::ConnectionState;
     let stats = &shared.stats;
-    // Both empty until the first datagram: an idle tunnel holds no receive buffer.
-    let mut block = BytesMut::new();
+    // Empty until the first datagram: an idle tunnel holds no receive buffer.
     let mut batch: Vec<BytesMut> = Vec::new();
     let h3_header_len = datagrams.map_or(0, |d| datagram::h3_header_len(d.stream_id));
     loop {
         if let Err(_e) = shared.udp.readable().await {
             return End::Reset(ResetReason::SocketError);
         }
-        if recv_batch(&shared.udp, &mut block, &mut batch).is_err() {
+        if recv_batch(&shared.udp, &mut batch).is_err() {
             //= https://www.rfc-editor.org/rfc/rfc9298#section-3.1
             //# If the UDP proxy is notified by its operating system that its socket is no
             //# longer usable, it MUST close the request stream.
@@ -743,10 +765,10 @@ mod tests {
         for d in &sent {
             peer.send(d).unwrap();
         }
-        let (mut block, mut out) = (BytesMut::new(), Vec::new());
+        let mut out = Vec::new();
         while out.len() < sent.len() {
             s.udp.readable().await.unwrap();
-            recv_batch(&s.udp, &mut block, &mut out).unwrap();
+            recv_batch(&s.udp, &mut out).unwrap();
         }
         assert_eq!(out.len(), sent.len());
         for (got, want) in out.iter().zip(&sent) {
@@ -757,7 +779,7 @@ mod tests {
         peer.send(b"again").unwrap();
         s.udp.readable().await.unwrap();
         out.clear();
-        recv_batch(&s.udp, &mut block, &mut out).unwrap();
+        recv_batch(&s.udp, &mut out).unwrap();
         assert_eq!(out.len(), 1);
         assert_eq!(&out[0][HEADROOM..], b"again");
     }
