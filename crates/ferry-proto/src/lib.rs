@@ -9,6 +9,7 @@
 //! * [`datagram`]: HTTP/3 datagram framing and the UDP proxying payload (context ids).
 //! * [`template`]: URI templates and the default-template path check Envoy applies.
 //! * [`request`]: CONNECT-UDP request validation -> target or rejection.
+//! * [`h3frame`]: a bound on the HTTP/3 frames a peer can make a library buffer.
 //!
 //! ```
 //! use bytes::Bytes;
@@ -51,6 +52,7 @@
 pub mod capsule;
 pub mod datagram;
 pub mod dns;
+pub mod h3frame;
 pub mod request;
 pub mod template;
 pub mod varint;

@@ -131,7 +131,7 @@ impl H3Listener {
 /// default `max_request_headers_kb`, 60 KiB. A larger one gets 431 and is counted
 /// (`downstream_rq_headers_too_large`); the connection goes on. The encoded HEADERS frame
 /// is bounded by the same figure before it is buffered ([`crate::h3limit`]).
-pub const MAX_REQUEST_HEADERS_BYTES: u64 = 60 * 1024;
+pub const MAX_REQUEST_HEADERS_BYTES: u64 = ferry_proto::h3frame::MAX_REQUEST_HEADERS_BYTES;
 
 async fn handle_connection(incoming: quinn::Incoming, ctx: Arc<ListenerCtx>) {
     let conn = match incoming.await {

@@ -1,0 +1,61 @@
+//! The HTTP/3 frame guard: never panics, and its verdict does not depend on how the stream
+//! is cut into reads (whole, byte by byte, or at the chunk sizes the input seeds).
+#![no_main]
+
+use ferry_proto::h3frame::{
+    FrameGuard, FrameTooLarge, MAX_BUFFERED_FRAME_BYTES, MAX_REQUEST_HEAD_BYTES,
+};
+use libfuzzer_sys::fuzz_target;
+
+/// Feed `data` in chunks whose sizes come from `cuts` (cycled; 0 means 1 byte).
+fn feed(mut guard: FrameGuard, data: &[u8], cuts: &[u8]) -> Result<(), FrameTooLarge> {
+    let mut rest = data;
+    let mut k = 0;
+    while !rest.is_empty() {
+        let n = cuts
+            .get(k % cuts.len().max(1))
+            .map_or(rest.len(), |c| usize::from(*c).max(1));
+        let (chunk, tail) = rest.split_at(n.min(rest.len()));
+        guard.inspect(chunk)?;
+        rest = tail;
+        k += 1;
+    }
+    Ok(())
+}
+
+fuzz_target!(|input: &[u8]| {
+    // [kind, ncuts, cuts..., stream...]
+    let Some((&kind, input)) = input.split_first() else {
+        return;
+    };
+    let Some((&ncuts, input)) = input.split_first() else {
+        return;
+    };
+    let (cuts, data) = input.split_at(usize::from(ncuts % 16).min(input.len()));
+    let guard = if kind & 1 == 0 {
+        FrameGuard::request()
+    } else {
+        FrameGuard::unidirectional()
+    };
+    let whole = feed(guard, data, &[]);
+    let bytewise = feed(guard, data, &[1]);
+    let chunked = feed(guard, data, cuts);
+    // The same verdict whatever the reads (a head's byte count may differ: a read is
+    // counted whole).
+    let verdict = |r: &Result<(), FrameTooLarge>| r.map_err(|e| (e.request_head, e.frame_type));
+    assert_eq!(verdict(&whole), verdict(&bytewise));
+    assert_eq!(verdict(&whole), verdict(&chunked));
+    if let Err(e) = whole {
+        // A refusal names a frame, or a request head, over its limit.
+        let limit = if e.request_head {
+            ferry_proto::h3frame::MAX_REQUEST_HEADERS_BYTES
+        } else {
+            MAX_BUFFERED_FRAME_BYTES
+        };
+        assert!(e.len > limit, "{e}");
+        // A head refused for the bytes it spent had to be given that many bytes.
+        if e.request_head && e.len > MAX_REQUEST_HEAD_BYTES && e.len <= data.len() as u64 {
+            assert!(data.len() as u64 > MAX_REQUEST_HEAD_BYTES);
+        }
+    }
+});
