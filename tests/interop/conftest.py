@@ -54,6 +54,27 @@ def skip_if_missing(impl: str) -> None:
         pytest.skip(f"{path} not found (run scripts/setup-venv.sh)")
 
 
+def free_udp_port() -> int:
+    """A loopback UDP port nobody listens on (bound, then released). Another process may take
+    it before the caller binds it; callers that spawn a server on it retry on EADDRINUSE."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_udp_tcp_port() -> int:
+    """A loopback port free for both UDP and TCP at the moment of the call (dnsmasq binds both)."""
+    for _ in range(50):
+        port = free_udp_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no loopback port free for both UDP and TCP in 50 tries")
+
+
 def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
     """Poll cond() every POLL seconds until it is true; fail after timeout seconds."""
     deadline = time.monotonic() + timeout

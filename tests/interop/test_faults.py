@@ -33,7 +33,7 @@ import pytest
 
 from conftest import (
     FERRY_BIN, HERE, REPO_ROOT, ProxyProcess, UdpTarget, async_wait_until, render_bootstrap,
-    run_async, skip_if_missing, wait_until,
+    free_udp_port, run_async, skip_if_missing, wait_until,
 )
 from impair import Impairment, UdpImpairer
 from masque_client import MasqueClient, Tunnel
@@ -153,13 +153,6 @@ def test_impaired_paths_keep_tunnels_working_and_recover(spawn_proxy, impairers,
 
 
 # --------------------------------------------------------------------------- next hop killed
-
-
-def free_udp_port() -> int:
-    import socket
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_next_hop_killed_mid_traffic_then_restarted(spawn_proxy, udp_target):

@@ -21,14 +21,13 @@ them verbose. Failure messages include the tail of every log.
 from __future__ import annotations
 
 import re
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, ProxyProcess, UdpTarget, async_wait_until, plus_0x10, run_async, wait_until
+from conftest import REPO_ROOT, ProxyProcess, UdpTarget, async_wait_until, free_udp_port, plus_0x10, run_async, wait_until
 from masque_client import MasqueClient, Tunnel
 
 A = bytes.fromhex("a1a2a3a4a5a6a7")
@@ -45,13 +44,6 @@ NEXT_HOP_RQ = "cluster.next_hop.upstream_rq_total"
 
 def connect(proxy: ProxyProcess, **kwargs):
     return MasqueClient.connect("127.0.0.1", proxy.listener_port, **kwargs)
-
-
-def free_udp_port() -> int:
-    """A loopback UDP port nobody listens on (bound, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- chains

@@ -35,7 +35,7 @@ from aioquic.h3.events import DataReceived, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import QuicEvent
 
-from conftest import CERT, KEY, REPO_ROOT, FERRY_BIN, ProxyProcess, UdpTarget, render_bootstrap, run_async
+from conftest import CERT, KEY, REPO_ROOT, FERRY_BIN, ProxyProcess, free_udp_port, free_udp_tcp_port, UdpTarget, render_bootstrap, run_async
 
 WAIT = 10.0  # bound for one exchange through a tunnel (includes opening it)
 
@@ -47,12 +47,6 @@ def exchange(proxy: ProxyProcess, payload: bytes, timeout: float = WAIT) -> byte
         s.sendto(payload, ("127.0.0.1", proxy.listener_port))
         data, _ = s.recvfrom(65535)
         return data
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def udp_proxy_to(spawn_proxy, impl: str, terminator: ProxyProcess, target_port: int,
@@ -121,21 +115,34 @@ class Dnsmasq:
     def __init__(self, workdir: Path) -> None:
         binary = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
         assert Path(binary).exists(), "dnsmasq is required (scripts/test.sh installs dnsmasq-base)"
-        self.port = free_udp_port()
-        self.log = open(workdir / "dnsmasq.log", "wb")
-        self.proc = subprocess.Popen(
-            [binary, "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
-             "--listen-address=127.0.0.1", "--bind-interfaces", f"--port={self.port}",
-             "--pid-file=", "--user=root", "--address=/tunnel.test/10.1.2.3", "--log-queries",
-             "--log-facility=-"],
-            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.log_path = workdir / "dnsmasq.log"
+        # dnsmasq binds UDP and TCP on its port; a port found free can be taken by another
+        # process before dnsmasq binds it, so a start that fails on that is retried.
+        for attempt in range(5):
+            self.port = free_udp_tcp_port()
+            self.log = open(self.log_path, "wb")
+            self.proc = subprocess.Popen(
+                [binary, "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
+                 "--listen-address=127.0.0.1", "--bind-interfaces", f"--port={self.port}",
+                 "--pid-file=", "--user=root", "--address=/tunnel.test/10.1.2.3", "--log-queries",
+                 "--log-facility=-"],
+                stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            if self._wait_ready():
+                return
+            self.log.close()
+            assert "Address already in use" in self.log_path.read_text() and attempt < 4, \
+                f"dnsmasq exited: {self.log_path.read_text()}"
+
+    def _wait_ready(self) -> bool:
+        """True once dnsmasq answers a query directly; False if it exited first."""
         deadline = time.monotonic() + WAIT
-        while True:  # ready once it answers a query directly
-            assert self.proc.poll() is None, f"dnsmasq exited: {(workdir / 'dnsmasq.log').read_text()}"
+        while True:
+            if self.proc.poll() is not None:
+                return False
             try:
                 dns.query.udp(dns.message.make_query("tunnel.test", "A"), "127.0.0.1", port=self.port,
                               timeout=0.2)
-                return
+                return True
             except dns.exception.Timeout:
                 assert time.monotonic() < deadline, "dnsmasq never answered"
 

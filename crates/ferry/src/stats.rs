@@ -449,10 +449,13 @@ pub enum DropReason {
     SocketError,
     /// A destination policy refused the datagram.
     Policy,
+    /// Read from the target in a batch, but the client side of the tunnel ended before it
+    /// could be sent on.
+    TunnelClosed,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 9] = [
         DropReason::TooLarge,
         DropReason::UnknownContextId,
         DropReason::UnknownCapsule,
@@ -461,6 +464,7 @@ impl DropReason {
         DropReason::BufferFull,
         DropReason::SocketError,
         DropReason::Policy,
+        DropReason::TunnelClosed,
     ];
 
     pub fn name(self) -> &'static str {
@@ -473,6 +477,7 @@ impl DropReason {
             DropReason::BufferFull => "buffer_full",
             DropReason::SocketError => "socket_error",
             DropReason::Policy => "policy",
+            DropReason::TunnelClosed => "tunnel_closed",
         }
     }
 }
@@ -690,9 +695,14 @@ impl ConnectUdpStats {
 
     #[inline]
     pub fn drop(&self, reason: DropReason) {
-        self.drops[reason as usize].inc();
+        self.drop_n(reason, 1);
+    }
+
+    /// Count `n` datagrams dropped for one reason.
+    pub fn drop_n(&self, reason: DropReason, n: u64) {
+        self.drops[reason as usize].add(n);
         if let Some(t) = &self.tunnel {
-            t.dropped.fetch_add(1, Ordering::Relaxed);
+            t.dropped.fetch_add(n, Ordering::Relaxed);
         }
     }
 

@@ -688,9 +688,16 @@ async fn target_to_client<S: StreamSend>(
         if !batch.is_empty() {
             shared.active.store(true, Ordering::Relaxed);
         }
-        for mut buf in batch.drain(..) {
+        stats.upstream_datagrams_rx.add(batch.len() as u64);
+        let mut pending = batch.drain(..);
+        while let Some(mut buf) = pending.next() {
             let len = buf.len() - HEADROOM;
-            stats.upstream_datagrams_rx.inc();
+            // Every datagram of the batch is accounted for: if the client side ends here,
+            // this one and the rest already read are counted as dropped.
+            let gone = |left: usize| {
+                stats.drop_n(DropReason::TunnelClosed, left as u64 + 1);
+                End::ClientGone
+            };
 
             //= https://www.rfc-editor.org/rfc/rfc9297#section-3.5
             //# When sending HTTP Datagrams, endpoints ... MAY use QUIC DATAGRAM frames if the
@@ -715,7 +722,7 @@ async fn target_to_client<S: StreamSend>(
                     match conn.send_datagram_wait(buf.freeze()).await {
                         Ok(()) => stats.tx.record(Encoding::QuicDatagram, len),
                         Err(quinn::SendDatagramError::TooLarge) => stats.drop(DropReason::TooLarge),
-                        Err(_) => return End::ClientGone,
+                        Err(_) => return gone(pending.len()),
                     }
                     continue;
                 }
@@ -725,7 +732,7 @@ async fn target_to_client<S: StreamSend>(
             datagram::write_capsule_udp_header(len, &mut buf[start..HEADROOM]);
             buf.advance(start);
             if send.send(buf.freeze()).await.is_err() {
-                return End::ClientGone;
+                return gone(pending.len());
             }
             stats.tx.record(Encoding::Capsule, len);
         }
@@ -782,6 +789,49 @@ mod tests {
         recv_batch(&s.udp, &mut out).unwrap();
         assert_eq!(out.len(), 1);
         assert_eq!(&out[0][HEADROOM..], b"again");
+    }
+
+    /// A client side that accepts `ok` sends, then fails.
+    struct FailingAfter {
+        ok: usize,
+        sent: Vec<Bytes>,
+    }
+
+    impl StreamSend for FailingAfter {
+        async fn send(&mut self, data: Bytes) -> Result<(), ()> {
+            if self.sent.len() == self.ok {
+                return Err(());
+            }
+            self.sent.push(data);
+            Ok(())
+        }
+        async fn finish(&mut self) {}
+        fn reset(&mut self, _code: h3::error::Code) {}
+    }
+
+    /// Datagrams already read from the target in one batch when the client side ends are
+    /// counted: received, then dropped as `tunnel_closed`; none vanishes uncounted.
+    #[tokio::test]
+    async fn client_gone_mid_batch_counts_the_rest_of_the_batch() {
+        let s = shared().await;
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        peer.connect(s.udp.local_addr().unwrap()).unwrap();
+        for i in 0..5u8 {
+            peer.send(&[i; 10]).unwrap();
+        }
+        let mut client = FailingAfter {
+            ok: 2,
+            sent: Vec::new(),
+        };
+        assert_eq!(
+            target_to_client(&mut client, None, &s).await,
+            End::ClientGone
+        );
+        assert_eq!(client.sent.len(), 2);
+        let st = &s.stats;
+        assert_eq!(st.upstream_datagrams_rx.get(), 5);
+        assert_eq!(st.tx.datagrams_capsule.get(), 2);
+        assert_eq!(st.drops(DropReason::TunnelClosed), 3);
     }
 
     /// The idle timer fires between 1 and 1.25 timeouts after the last activity, and

@@ -185,6 +185,7 @@ async fn counters_equal_what_was_sent_received_and_dropped() {
         ("connect_udp.datagrams_dropped_socket_error", 0),
         ("connect_udp.datagrams_dropped_malformed", 0),
         ("connect_udp.datagrams_dropped_policy", 0),
+        ("connect_udp.datagrams_dropped_tunnel_closed", 0),
         ("connect_udp.tunnels_total", 2),
         ("connect_udp.tunnels_active", 0),
         ("connect_udp.tunnels_rejected", 1),
