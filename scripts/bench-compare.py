@@ -55,7 +55,7 @@ PAYLOAD = 1200
 # through. Envoy's loads therefore use a client without GSO (its best case); one load with
 # GSO is recorded to show the effect, and Ferry is also measured with the same GSO-less
 # client for an identical-client ratio.
-CLIENT_FLAGS = {"direct": [], "ferry": [], "envoy": ["--no-gso"]}
+CLIENT_FLAGS = {"direct": [], "quic": [], "ferry": [], "envoy": ["--no-gso"]}
 
 
 def log(msg: str) -> None:
@@ -184,6 +184,35 @@ class Bench:
             log(f"  {label}: FAILED: {msg}")
             return None
         return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+class QuicFloor:
+    """`ferry-bench quic-echo`: an HTTP/3 server that accepts every CONNECT-UDP and sends each
+    datagram straight back, with no UDP leg. What QUIC and HTTP/3 alone cost on this machine:
+    the floor under any proxy's round trip and rate. Quacks like a Proxy for target_args."""
+
+    def __init__(self, bench_bin: Path) -> None:
+        self.proc = subprocess.Popen([str(bench_bin), "quic-echo", "--listen", "127.0.0.1:0", "--max-secs", "3000"],
+                                     cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.pid = self.proc.pid
+        self.addr = self.proc.stdout.readline().strip()
+        if not self.addr:
+            raise RuntimeError("ferry-bench quic-echo did not start")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> str | None:
+        died = None if self.alive() else f"exited with {self.proc.returncode}"
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        return died
+
+    def log_tail(self, n: int = 20) -> str:
+        return ""
 
 
 def target_args(impl: str, proxies: dict[str, Proxy], client_flags: bool = True) -> list[str]:
@@ -322,14 +351,21 @@ def main() -> int:
         if p is not None and not p.alive():
             deaths.append(f"{impl}: {p.stop()}\n{p.log_tail(5)}")
             log(f"{impl} died; restarting")
-            start(impl)
+            if impl == "quic":
+                proxies["quic"] = QuicFloor(bench_bin)
+            else:
+                start(impl)
 
     bench = Bench(bench_bin, echo_addr, quick)
     results: dict = {"machine": mach, "quick": quick, "reps": reps, "concurrency": args.concurrency}
-    impls = ["direct", "ferry", "envoy"]
+    # "quic" is the QUIC floor (QuicFloor): measured alongside for the loads where it says
+    # how much of Ferry's cost is QUIC's (rate and round trip of one tunnel, 1,000 tunnels).
+    impls = ["direct", "quic", "ferry", "envoy"]
     try:
         start("ferry")
         start("envoy")
+        proxies["quic"] = QuicFloor(bench_bin)
+        log(f"quic floor pid {proxies['quic'].pid} on {proxies['quic'].addr}")
 
         # 1. One tunnel: highest rate with at most 0.1% loss.
         single: dict[str, list] = {i: [] for i in impls}
@@ -490,22 +526,25 @@ def trial_field(res: dict | None, *path):
 
 def summarize(results: dict) -> dict:
     s: dict = {}
-    impls = ["direct", "ferry", "envoy"]
-    s["peak"] = {i: med([best_dps(x) for x in results["single"][i]]) for i in impls}
-    s["peak_all"] = {i: [best_dps(x) for x in results["single"][i]] for i in impls}
-    s["peak_cpu"] = {i: med([trial_field(x, "best", "proxy", "cpu_cores") for x in results["single"][i]])
+    impls = ["direct", "quic", "ferry", "envoy"]
+    single = {i: results["single"].get(i, []) for i in impls}
+    latency = {i: results["latency"].get(i, []) for i in impls}
+    s["peak"] = {i: med([best_dps(x) for x in single[i]]) for i in impls}
+    s["peak_all"] = {i: [best_dps(x) for x in single[i]] for i in impls}
+    s["peak_cpu"] = {i: med([trial_field(x, "best", "proxy", "cpu_cores") for x in single[i]])
                      for i in impls}
-    s["peak_client_cpu"] = {i: med([trial_field(x, "best", "client", "cpu_cores") for x in results["single"][i]])
+    s["peak_client_cpu"] = {i: med([trial_field(x, "best", "client", "cpu_cores") for x in single[i]])
                             for i in impls}
     for q in ["p50", "p90", "p99", "p999"]:
-        s[q] = {i: med([trial_field(x, "rtt_us", q) for x in results["latency"][i]]) for i in impls}
-    s["lat_loss"] = {i: med([trial_field(x, "loss") for x in results["latency"][i]]) for i in impls}
-    s["many"] = {i: med([best_dps(x) for x in results["many"][i]]) for i in impls}
+        s[q] = {i: med([trial_field(x, "rtt_us", q) for x in latency[i]]) for i in impls}
+    s["lat_loss"] = {i: med([trial_field(x, "loss") for x in latency[i]]) for i in impls}
+    s["lat_cpu"] = {i: med([trial_field(x, "proxy", "cpu_cores") for x in latency[i]]) for i in impls}
+    s["many"] = {i: med([best_dps(x) for x in results["many"].get(i, [])]) for i in impls}
     s["many_flows"] = med([best_dps(x) for x in results.get("many_flows", [])])
-    s["many_fair"] = {i: med([trial_field(x, "best", "fairness", "min_over_mean") for x in results["many"][i]])
-                      for i in impls}
+    s["many_fair"] = {i: med([trial_field(x, "best", "fairness", "min_over_mean")
+                              for x in results["many"].get(i, [])]) for i in impls}
     s["many_below_half"] = {i: med([trial_field(x, "best", "fairness", "below_half_mean")
-                                    for x in results["many"][i]]) for i in impls}
+                                    for x in results["many"].get(i, [])]) for i in impls}
     idle = results["idle"]
     s["idle_kib"] = {i: trial_field(idle.get(i), "idle", "growth_per_tunnel_kib") for i in ["ferry", "envoy"]}
     s["ping_kib"] = {i: trial_field(idle.get(i), "after_one_datagram", "growth_per_tunnel_kib")
@@ -525,12 +564,14 @@ def draw_charts(results: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"direct": "#777777", "ferry": "#1f77b4", "envoy": "#d62728"}
-    names = {"direct": "direct UDP (1,200 B)", "ferry": "Ferry (1,200 B)", "envoy": f"Envoy 1.40 ({ENVOY_PAYLOAD:,} B)"}
+    colors = {"direct": "#777777", "quic": "#2ca02c", "ferry": "#1f77b4", "envoy": "#d62728"}
+    names = {"direct": "direct UDP (1,200 B)", "quic": "QUIC floor: quic-echo (1,200 B)",
+             "ferry": "Ferry (1,200 B)", "envoy": f"Envoy 1.40 ({ENVOY_PAYLOAD:,} B)"}
+    shown = [i for i in ["direct", "quic", "ferry", "envoy"] if results["single"].get(i)]
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=90)
     lo, hi = float("inf"), 0.0
-    for impl in ["direct", "ferry", "envoy"]:
+    for impl in shown:
         pts = []
         for res in results["single"][impl]:
             if res:
@@ -561,13 +602,13 @@ def draw_charts(results: dict, out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=90)
     qs = ["p50", "p90", "p99", "p999"]
-    width = 0.26
-    for k, impl in enumerate(["direct", "ferry", "envoy"]):
+    width = 0.8 / len(shown)
+    for k, impl in enumerate(shown):
         vals = []
         for q in qs:
-            v = med([trial_field(x, "rtt_us", q) for x in results["latency"][impl]])
+            v = med([trial_field(x, "rtt_us", q) for x in results["latency"].get(impl, [])])
             vals.append(v or 0)
-        xs = [j + (k - 1) * width for j in range(len(qs))]
+        xs = [j + (k - (len(shown) - 1) / 2) * width for j in range(len(qs))]
         ax.bar(xs, vals, width, color=colors[impl], label=names[impl])
         for x, v in zip(xs, vals):
             ax.text(x, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=7)
@@ -658,6 +699,30 @@ def write_markdown(results: dict, commands: list[str], path: Path, charts: Path,
         f"{fmt(s['conn_rate']['envoy'])} | {ratio(s['conn_rate']['ferry'], s['conn_rate']['envoy'])} | |")
     add(f"| … connection + tunnel latency p50 (µs) | | {fmt(s['conn_p50']['ferry'])} | {fmt(s['conn_p50']['envoy'])} | | |")
     add("")
+    if s["peak"]["quic"] is not None:
+        Q = "quic"
+        add("**The QUIC floor.** `ferry-bench quic-echo` is an HTTP/3 server (quinn and h3, as Ferry, "
+            "one worker thread) that accepts every CONNECT-UDP and sends each datagram straight back: "
+            "no UDP leg, no relaying. The same client and loads against it, in the same rotation, "
+            "measure what QUIC and HTTP/3 alone cost here, which direct UDP does not. Ferry minus the "
+            "floor is what Ferry itself adds: its UDP leg to the echo target and its relaying.")
+        add("")
+        add("| load | direct UDP | QUIC floor | Ferry | Ferry / floor | Ferry − floor |")
+        add("|---|---:|---:|---:|---:|---:|")
+        add(f"| 1 tunnel: highest rate with ≤0.1% loss (datagrams/s) | {fmt(P['direct'])} | {fmt(P[Q])} | "
+            f"{fmt(P['ferry'])} | {ratio(P['ferry'], P[Q])} | |")
+        add(f"| … every repetition | {reps_str(s['peak_all']['direct'])} | {reps_str(s['peak_all'][Q])} | "
+            f"{reps_str(s['peak_all']['ferry'])} | | |")
+        add(f"| … server CPU at that rate (cores) | | {fmt(s['peak_cpu'][Q], '', 2)} | "
+            f"{fmt(s['peak_cpu']['ferry'], '', 2)} | | |")
+        for q, name in [("p50", "p50"), ("p90", "p90"), ("p99", "p99"), ("p999", "p99.9")]:
+            add(f"| round trip {name} at {results['latency_rate']:,.0f}/s, 1 tunnel (µs) | {fmt(s[q]['direct'])} | "
+                f"{fmt(s[q][Q])} | {fmt(s[q]['ferry'])} | | {delta(s[q]['ferry'], s[q][Q])} |")
+        add(f"| … server CPU at that rate (cores) | | {fmt(s['lat_cpu'][Q], '', 2)} | "
+            f"{fmt(s['lat_cpu']['ferry'], '', 2)} | | |")
+        add(f"| 1,000 tunnels / 10 connections: highest aggregate rate with ≤0.1% loss (datagrams/s) | "
+            f"{fmt(M['direct'])} | {fmt(M[Q])} | {fmt(M['ferry'])} | {ratio(M['ferry'], M[Q])} | |")
+        add("")
     add("### Targets")
     add("")
     add("| target | measured | met? |")
@@ -779,6 +844,10 @@ def targets(s: dict, results: dict) -> list[list[str]]:
     row("round-trip p99 at 20% of Ferry's peak ≤ direct p99 + 100 µs",
         "n/a" if d99 is None else f"{d99:+,.0f} µs ({fmt(s['p99']['ferry'])} vs {fmt(s['p99']['direct'])} µs)",
         None if d99 is None else d99 <= 100)
+    f99 = None if s["p99"].get("quic") is None or s["p99"]["direct"] is None else s["p99"]["quic"] - s["p99"]["direct"]
+    if f99 is not None:
+        row("… the QUIC floor's own p99 above direct p99 (no proxy: QUIC and HTTP/3 alone; not a target)",
+            f"{f99:+,.0f} µs ({fmt(s['p99']['quic'])} vs {fmt(s['p99']['direct'])} µs)", None)
     k = s["idle_kib"]["ferry"]
     row("RSS per idle tunnel ≤ 16 KiB", "n/a" if k is None else f"{k:.1f} KiB (after one datagram each: "
         f"{fmt(s['ping_kib']['ferry'], '', 1)} KiB)", None if k is None else k <= 16)

@@ -26,6 +26,7 @@ mod echo;
 mod h3client;
 mod lanes;
 mod procstat;
+mod quicecho;
 mod report;
 mod run;
 mod setup;
@@ -50,6 +51,20 @@ enum Cmd {
         /// Threads (SO_REUSEPORT sockets on one port).
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        /// Exit after this many seconds.
+        #[arg(long, default_value_t = 3600.0)]
+        max_secs: f64,
+    },
+    /// The QUIC floor: an HTTP/3 server that accepts every CONNECT-UDP and sends each
+    /// datagram straight back (no UDP leg). Prints its bound address; serves until
+    /// --max-secs. Point `load --proxy` at it to measure what QUIC and HTTP/3 alone cost.
+    QuicEcho {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "examples/certs/cert.pem")]
+        cert: std::path::PathBuf,
+        #[arg(long, default_value = "examples/certs/key.pem")]
+        key: std::path::PathBuf,
         /// Exit after this many seconds.
         #[arg(long, default_value_t = 3600.0)]
         max_secs: f64,
@@ -511,6 +526,12 @@ fn main() -> ExitCode {
             threads,
             max_secs,
         } => secs(max_secs, "--max-secs").and_then(|d| echo::run(listen, threads, d)),
+        Cmd::QuicEcho {
+            listen,
+            cert,
+            key,
+            max_secs,
+        } => secs(max_secs, "--max-secs").and_then(|d| quicecho::run(listen, &cert, &key, d)),
         Cmd::Load(a) => runtime(a.common.threads).and_then(|rt| rt.block_on(load(a))),
         Cmd::Search(a) => runtime(a.common.threads).and_then(|rt| rt.block_on(search(a))),
         Cmd::Tunnels(a) => runtime(a.common.threads).and_then(|rt| rt.block_on(tunnels(a))),
