@@ -749,6 +749,8 @@ def write_markdown(results: dict, commands: list[str], path: Path, charts: Path,
     add("# proxies: BIN -c terminate-h3.yaml --concurrency "
         f"{results['concurrency']} --disable-hot-restart -l error --admin-address-path FILE")
     add("# echo:    ferry-bench echo --listen 127.0.0.1:0 --max-secs 3000   (at nice -10)")
+    if results["single"].get("quic"):
+        add("# floor:   ferry-bench quic-echo --listen 127.0.0.1:0 --max-secs 3000   (the QUIC floor)")
     add("# ferry-bench is target/release/ferry-bench; PID and ports below were this run's")
     for c in commands:
         add(c)
@@ -848,6 +850,9 @@ def targets(s: dict, results: dict) -> list[list[str]]:
     if f99 is not None:
         row("… the QUIC floor's own p99 above direct p99 (no proxy: QUIC and HTTP/3 alone; not a target)",
             f"{f99:+,.0f} µs ({fmt(s['p99']['quic'])} vs {fmt(s['p99']['direct'])} µs)", None)
+        a99 = None if s["p99"]["ferry"] is None else s["p99"]["ferry"] - s["p99"]["quic"]
+        row("… Ferry's p99 above the QUIC floor's (what Ferry itself adds: its UDP leg and relaying; not a target)",
+            "n/a" if a99 is None else f"{a99:+,.0f} µs ({fmt(s['p99']['ferry'])} vs {fmt(s['p99']['quic'])} µs)", None)
     k = s["idle_kib"]["ferry"]
     row("RSS per idle tunnel ≤ 16 KiB", "n/a" if k is None else f"{k:.1f} KiB (after one datagram each: "
         f"{fmt(s['ping_kib']['ferry'], '', 1)} KiB)", None if k is None else k <= 16)
