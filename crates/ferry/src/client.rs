@@ -27,8 +27,8 @@ pub struct ClientOptions {
     pub datagrams: bool,
 }
 
-pub type SendRequest = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
-type ClientStream = h3::client::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
+pub type SendRequest = h3::client::SendRequest<crate::h3limit::GuardedOpener, Bytes>;
+type ClientStream = h3::client::RequestStream<crate::h3limit::GuardedBidi, Bytes>;
 
 pub struct H3Client {
     pub conn: quinn::Connection,
@@ -56,7 +56,10 @@ impl H3Client {
         let (mut driver, send_request) = h3::client::builder()
             .enable_extended_connect(true)
             .enable_datagram(opts.datagrams)
-            .build::<_, _, Bytes>(h3_quinn::Connection::new(conn.clone()))
+            // The proxy's response heads and control frames are bounded as a client's
+            // requests are (see h3limit): h3 would buffer any frame whole.
+            .max_field_section_size(crate::h3limit::MAX_REQUEST_HEADERS_BYTES)
+            .build::<_, _, Bytes>(crate::h3limit::GuardedConnection::client(conn.clone()))
             .await
             .map_err(|e| format!("HTTP/3 setup: {e}"))?;
         crate::supervise::spawn("client connection", async move {

@@ -303,7 +303,7 @@ async fn pump(
 
 pub type DownSend = h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
 pub type DownRecv = h3::server::RequestStream<crate::h3limit::ServerRecv, Bytes>;
-pub type UpStream = h3::client::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
+pub type UpStream = h3::client::RequestStream<crate::h3limit::GuardedBidi, Bytes>;
 
 /// Relay between the client's hop (`down`) and the next hop (`up`) until either side
 /// ends, or `max_duration` (the HCM's `max_stream_duration`) has passed; then end the

@@ -1,5 +1,7 @@
 //! A bound on what the HTTP/3 library buffers for a peer: the frames of every stream a
-//! client opens pass through a [`FrameGuard`] before h3 sees them.
+//! client opens pass through a [`FrameGuard`] before h3 sees them. On the connections Ferry
+//! opens (to next hops, and `ferry client`'s), the peer's control stream and the response
+//! side of every request stream pass through one too ([`GuardedConnection::client`]).
 //!
 //! Why: h3 0.0.8 decodes every frame other than DATA only once its whole payload is in
 //! its own buffer (`h3::frame::FrameDecoder` asks for `2 + len` bytes and keeps reading
@@ -59,15 +61,20 @@ pub struct Guarded<S> {
     refused: Option<FrameTooLarge>,
     /// For the control stream: the connection to close when it is refused.
     conn: Option<quinn::Connection>,
+    /// STOP_SENDING code for a refused head: H3_NO_ERROR on a server's request stream (the
+    /// 431 response is complete without the rest of the request), H3_EXCESSIVE_LOAD on a
+    /// client's (a response head over the limit is the peer's fault).
+    head_code: u32,
 }
 
 impl<S> Guarded<S> {
-    fn new(inner: S, guard: FrameGuard, conn: Option<quinn::Connection>) -> Self {
+    fn new(inner: S, guard: FrameGuard, conn: Option<quinn::Connection>, head_code: u32) -> Self {
         Guarded {
             inner,
             guard,
             refused: None,
             conn,
+            head_code,
         }
     }
 }
@@ -104,7 +111,7 @@ impl<S: quic::RecvStream<Buf = Bytes>> quic::RecvStream for Guarded<S> {
                     // stop_sending does not panic. Unread bytes are then discarded by
                     // quinn instead of waiting in the stream's window.
                     None => self.inner.stop_sending(u64::from(if e.request_head {
-                        H3_NO_ERROR
+                        self.head_code
                     } else {
                         H3_EXCESSIVE_LOAD
                     })),
@@ -160,27 +167,47 @@ where
             guard: self.guard,
             refused: self.refused,
             conn: self.conn,
+            head_code: self.head_code,
         };
         (send, recv)
     }
 }
 
-/// A server-side request stream (both directions).
-pub type ServerBidi = Guarded<h3_quinn::BidiStream<Bytes>>;
+/// A request stream (both directions): a server's, or one a client opened.
+pub type GuardedBidi = Guarded<h3_quinn::BidiStream<Bytes>>;
 /// Its receiving half.
-pub type ServerRecv = Guarded<h3_quinn::RecvStream>;
+pub type GuardedRecv = Guarded<h3_quinn::RecvStream>;
+/// A server-side request stream.
+pub type ServerBidi = GuardedBidi;
+/// Its receiving half.
+pub type ServerRecv = GuardedRecv;
 
-/// h3-quinn's connection with every stream the peer opens guarded.
+/// h3-quinn's connection with every stream guarded that carries frames from the peer: the
+/// streams the peer opens (its control stream, a client's requests) and, on a client, the
+/// request streams it opens (the peer's responses).
 pub struct GuardedConnection {
     inner: h3_quinn::Connection,
     conn: quinn::Connection,
+    head_code: u32,
 }
 
 impl GuardedConnection {
+    /// A server's connection: request heads over the limit get 431.
     pub fn new(conn: quinn::Connection) -> Self {
         GuardedConnection {
             inner: h3_quinn::Connection::new(conn.clone()),
             conn,
+            head_code: H3_NO_ERROR,
+        }
+    }
+
+    /// A client's connection (to a next hop, or `ferry client`'s): a response head over
+    /// the limit fails its request with STOP_SENDING(H3_EXCESSIVE_LOAD), and the peer's
+    /// control stream is held to the same bounds as a client's.
+    pub fn client(conn: quinn::Connection) -> Self {
+        GuardedConnection {
+            head_code: H3_EXCESSIVE_LOAD,
+            ..GuardedConnection::new(conn)
         }
     }
 }
@@ -193,8 +220,14 @@ impl quic::Connection<Bytes> for GuardedConnection {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Self::RecvStream, ConnectionErrorIncoming>> {
-        quic::Connection::<Bytes>::poll_accept_recv(&mut self.inner, cx)
-            .map_ok(|s| Guarded::new(s, FrameGuard::unidirectional(), Some(self.conn.clone())))
+        quic::Connection::<Bytes>::poll_accept_recv(&mut self.inner, cx).map_ok(|s| {
+            Guarded::new(
+                s,
+                FrameGuard::unidirectional(),
+                Some(self.conn.clone()),
+                self.head_code,
+            )
+        })
     }
 
     fn poll_accept_bidi(
@@ -202,11 +235,14 @@ impl quic::Connection<Bytes> for GuardedConnection {
         cx: &mut Context<'_>,
     ) -> Poll<Result<Self::BidiStream, ConnectionErrorIncoming>> {
         quic::Connection::<Bytes>::poll_accept_bidi(&mut self.inner, cx)
-            .map_ok(|s| Guarded::new(s, FrameGuard::request(), None))
+            .map_ok(|s| Guarded::new(s, FrameGuard::request(), None, self.head_code))
     }
 
     fn opener(&self) -> Self::OpenStreams {
-        GuardedOpener(quic::Connection::<Bytes>::opener(&self.inner))
+        GuardedOpener(
+            quic::Connection::<Bytes>::opener(&self.inner),
+            self.head_code,
+        )
     }
 }
 
@@ -219,7 +255,7 @@ impl quic::OpenStreams<Bytes> for GuardedConnection {
         cx: &mut Context<'_>,
     ) -> Poll<Result<Self::BidiStream, StreamErrorIncoming>> {
         quic::OpenStreams::<Bytes>::poll_open_bidi(&mut self.inner, cx)
-            .map_ok(|s| Guarded::new(s, FrameGuard::request(), None))
+            .map_ok(|s| Guarded::new(s, FrameGuard::request(), None, self.head_code))
     }
 
     fn poll_open_send(
@@ -234,9 +270,11 @@ impl quic::OpenStreams<Bytes> for GuardedConnection {
     }
 }
 
-/// The stream opener of a [`GuardedConnection`] (h3 opens only unidirectional streams on
-/// a server; a bidirectional one would be guarded like a request stream).
-pub struct GuardedOpener(h3_quinn::OpenStreams);
+/// The stream opener of a [`GuardedConnection`]: on a client, the request streams it opens
+/// are guarded (the peer's response comes on them); a server opens only unidirectional
+/// streams.
+#[derive(Clone)]
+pub struct GuardedOpener(h3_quinn::OpenStreams, u32);
 
 impl quic::OpenStreams<Bytes> for GuardedOpener {
     type BidiStream = ServerBidi;
@@ -247,7 +285,7 @@ impl quic::OpenStreams<Bytes> for GuardedOpener {
         cx: &mut Context<'_>,
     ) -> Poll<Result<Self::BidiStream, StreamErrorIncoming>> {
         quic::OpenStreams::<Bytes>::poll_open_bidi(&mut self.0, cx)
-            .map_ok(|s| Guarded::new(s, FrameGuard::request(), None))
+            .map_ok(|s| Guarded::new(s, FrameGuard::request(), None, self.1))
     }
 
     fn poll_open_send(

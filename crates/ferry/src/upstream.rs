@@ -17,7 +17,7 @@ use crate::stats::{ConnectUdpStats, Counter, Gauge, Store};
 /// Tunnels per upstream connection before another is opened (quinn's default stream limit).
 pub const STREAMS_PER_CONNECTION: usize = 100;
 
-pub type SendRequest = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
+pub type SendRequest = h3::client::SendRequest<crate::h3limit::GuardedOpener, Bytes>;
 
 /// Why no upstream stream could be had.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -199,7 +199,10 @@ impl UpstreamPool {
         let (mut driver, send_request) = h3::client::builder()
             .enable_extended_connect(true)
             .enable_datagram(true)
-            .build::<_, _, Bytes>(h3_quinn::Connection::new(conn.clone()))
+            // The next hop's response heads and control frames are bounded as a client's
+            // requests are (see h3limit): h3 would buffer any frame whole.
+            .max_field_section_size(crate::h3limit::MAX_REQUEST_HEADERS_BYTES)
+            .build::<_, _, Bytes>(crate::h3limit::GuardedConnection::client(conn.clone()))
             .await
             .map_err(|e| UpstreamError::Refused(format!("HTTP/3 setup: {e}")))?;
         let peer = driver.inner.shared.clone();

@@ -407,3 +407,133 @@ async fn client_end_or_reset_ends_the_next_hop_stream() {
     b.wait_stat(&format!("{P}tunnels_active"), 0).await;
     a.wait_stat(&format!("{P}tunnels_active"), 0).await;
 }
+
+/// What a hostile next hop sends, after its SETTINGS.
+#[derive(Clone, Copy)]
+enum Hostile {
+    /// On the request stream: a HEADERS frame announcing 8 MiB, then bytes until stopped.
+    HugeResponseHead,
+    /// On its control stream: an unknown frame announcing 2^40 bytes, then bytes.
+    HugeControlFrame,
+}
+
+/// A next hop speaking just enough HTTP/3 to be hostile: it opens its control stream with
+/// SETTINGS, then floods as `how` says. Returns its address and what ended the flood: the
+/// STOP_SENDING code Ferry sent on the request stream, or the code Ferry closed the
+/// connection with.
+async fn hostile_next_hop(
+    cert: &TestCert,
+    how: Hostile,
+) -> (SocketAddr, tokio::task::JoinHandle<Result<u64, String>>) {
+    let tls = ferry_config::ServerTls {
+        certificates: vec![ferry_config::CertificateKeyPair {
+            certificate_chain_pem: cert.cert_pem.clone(),
+            private_key_pem: cert.key_pem.clone(),
+        }],
+        alpn_protocols: Vec::new(),
+        client_ca_pem: None,
+        require_client_certificate: false,
+    };
+    let tls = ferry::tls::server_config(&tls, &[b"h3"]).unwrap();
+    let endpoint = ferry::quic::server_endpoint("127.0.0.1:0".parse().unwrap(), tls, 100).unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let conn = endpoint
+            .accept()
+            .await
+            .ok_or("no connection")?
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut control = conn.open_uni().await.map_err(|e| e.to_string())?;
+        // Stream type 0x00 (control), SETTINGS (0x04) with no settings.
+        control
+            .write_all(&[0x00, 0x04, 0x00])
+            .await
+            .map_err(|e| e.to_string())?;
+        let chunk = vec![0u8; 64 * 1024];
+        let mut written = 0usize;
+        match how {
+            Hostile::HugeResponseHead => {
+                let (mut send, _recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+                // HEADERS (0x01), length 8 MiB as a 4-byte varint.
+                send.write_all(&[0x01, 0x80, 0x80, 0x00, 0x00])
+                    .await
+                    .map_err(|e| e.to_string())?;
+                while written < 8 << 20 {
+                    match send.write_all(&chunk).await {
+                        Ok(()) => written += chunk.len(),
+                        Err(quinn::WriteError::Stopped(code)) => return Ok(code.into_inner()),
+                        Err(e) => return Err(format!("after {written} bytes: {e}")),
+                    }
+                }
+                Err(format!("all {written} bytes of the head were taken"))
+            }
+            Hostile::HugeControlFrame => {
+                // A reserved frame type (0x21) announcing 2^40 bytes (8-byte varint).
+                control
+                    .write_all(&[0x21, 0xc0, 0, 0, 0x01, 0, 0, 0, 0])
+                    .await
+                    .map_err(|e| e.to_string())?;
+                while written < 8 << 20 {
+                    if control.write_all(&chunk).await.is_err() {
+                        break;
+                    }
+                    written += chunk.len();
+                }
+                match conn.closed().await {
+                    quinn::ConnectionError::ApplicationClosed(c) => Ok(c.error_code.into_inner()),
+                    other => Err(format!("after {written} bytes: {other}")),
+                }
+            }
+        }
+    });
+    (addr, task)
+}
+
+/// H3_EXCESSIVE_LOAD (RFC 9114 section 8.1).
+const H3_EXCESSIVE_LOAD: u64 = 0x107;
+
+/// A next hop whose response head never ends (a HEADERS frame announcing 8 MiB) is refused
+/// as soon as its length is read: the request stream gets STOP_SENDING(H3_EXCESSIVE_LOAD),
+/// the client a prompt 502, and Ferry buffers none of it (h3 alone would read all 8 MiB
+/// and wait for the rest until the response timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn next_hop_response_head_over_the_limit_is_refused() {
+    let cert = test_cert();
+    let (hop, hostile) = hostile_next_hop(&cert, Hostile::HugeResponseHead).await;
+    let a = forwarder(hop, &cert.cert_pem, FORWARD_ROUTE).await;
+    let mut client = a.client(true).await;
+    let t = tokio::time::timeout(DEADLINE, client.open(PATH, &[], false))
+        .await
+        .expect("an answer before the response timeout")
+        .unwrap();
+    assert_eq!(t.status.as_u16(), 502);
+    assert!(
+        proxy_status(&t).contains("http_response_incomplete"),
+        "{}",
+        proxy_status(&t)
+    );
+    let code = tokio::time::timeout(DEADLINE, hostile)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(code, Ok(H3_EXCESSIVE_LOAD));
+}
+
+/// A next hop that sends a control frame over the limit loses its connection
+/// (H3_EXCESSIVE_LOAD), as a client that does so does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn next_hop_control_frame_over_the_limit_closes_its_connection() {
+    let cert = test_cert();
+    let (hop, hostile) = hostile_next_hop(&cert, Hostile::HugeControlFrame).await;
+    let a = forwarder(hop, &cert.cert_pem, FORWARD_ROUTE).await;
+    let mut client = a.client(true).await;
+    // The tunnel's request is what makes A connect; its answer does not matter here.
+    let _ = tokio::time::timeout(DEADLINE, client.open(PATH, &[], false)).await;
+    let code = tokio::time::timeout(DEADLINE, hostile)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(code, Ok(H3_EXCESSIVE_LOAD));
+    a.wait_stat("cluster.target.upstream_cx_destroy", 1).await;
+}
