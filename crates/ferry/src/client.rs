@@ -59,7 +59,10 @@ impl H3Client {
             // The proxy's response heads and control frames are bounded as a client's
             // requests are (see h3limit): h3 would buffer any frame whole.
             .max_field_section_size(crate::h3limit::MAX_REQUEST_HEADERS_BYTES)
-            .build::<_, _, Bytes>(crate::h3limit::GuardedConnection::client(conn.clone()))
+            .build::<_, _, Bytes>(crate::h3limit::GuardedConnection::client(
+                conn.clone(),
+                crate::stats::Counter::default(),
+            ))
             .await
             .map_err(|e| format!("HTTP/3 setup: {e}"))?;
         crate::supervise::spawn("client connection", async move {

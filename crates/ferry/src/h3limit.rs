@@ -44,6 +44,8 @@ use std::task::{Context, Poll};
 use bytes::{Buf, Bytes};
 use h3::quic::{self, ConnectionErrorIncoming, StreamErrorIncoming, StreamId, WriteBuf};
 
+use crate::stats::Counter;
+
 pub use ferry_proto::h3frame::{
     FrameGuard, FrameTooLarge, MAX_BUFFERED_FRAME_BYTES, MAX_REQUEST_HEADERS_BYTES,
     MAX_REQUEST_HEAD_BYTES,
@@ -65,18 +67,29 @@ pub struct Guarded<S> {
     /// 431 response is complete without the rest of the request), H3_EXCESSIVE_LOAD on a
     /// client's (a response head over the limit is the peer's fault).
     head_code: u32,
+    /// Counts every refusal (`downstream_h3_frame_too_large`, or the cluster's
+    /// `upstream_h3_frame_too_large`).
+    refusals: Counter,
 }
 
 impl<S> Guarded<S> {
-    fn new(inner: S, guard: FrameGuard, conn: Option<quinn::Connection>, head_code: u32) -> Self {
+    fn new(inner: S, guard: FrameGuard, conn: Option<quinn::Connection>, role: &Role) -> Self {
         Guarded {
             inner,
             guard,
             refused: None,
             conn,
-            head_code,
+            head_code: role.head_code,
+            refusals: role.refusals.clone(),
         }
     }
+}
+
+/// Which side of the connection Ferry is, and where refusals are counted.
+#[derive(Clone)]
+struct Role {
+    head_code: u32,
+    refusals: Counter,
 }
 
 fn refusal(e: FrameTooLarge) -> StreamErrorIncoming {
@@ -102,6 +115,7 @@ impl<S: quic::RecvStream<Buf = Bytes>> quic::RecvStream for Guarded<S> {
             Err(e) => {
                 tracing::debug!("refusing stream: {e}");
                 self.refused = Some(e);
+                self.refusals.inc();
                 match &self.conn {
                     Some(conn) => conn.close(
                         quinn::VarInt::from_u32(H3_EXCESSIVE_LOAD),
@@ -168,6 +182,7 @@ where
             refused: self.refused,
             conn: self.conn,
             head_code: self.head_code,
+            refusals: self.refusals,
         };
         (send, recv)
     }
@@ -188,26 +203,31 @@ pub type ServerRecv = GuardedRecv;
 pub struct GuardedConnection {
     inner: h3_quinn::Connection,
     conn: quinn::Connection,
-    head_code: u32,
+    role: Role,
 }
 
 impl GuardedConnection {
-    /// A server's connection: request heads over the limit get 431.
-    pub fn new(conn: quinn::Connection) -> Self {
-        GuardedConnection {
-            inner: h3_quinn::Connection::new(conn.clone()),
-            conn,
-            head_code: H3_NO_ERROR,
-        }
+    /// A server's connection: request heads over the limit get 431. Every refusal is
+    /// counted in `refusals`.
+    pub fn new(conn: quinn::Connection, refusals: Counter) -> Self {
+        Self::with_role(conn, H3_NO_ERROR, refusals)
     }
 
     /// A client's connection (to a next hop, or `ferry client`'s): a response head over
     /// the limit fails its request with STOP_SENDING(H3_EXCESSIVE_LOAD), and the peer's
     /// control stream is held to the same bounds as a client's.
-    pub fn client(conn: quinn::Connection) -> Self {
+    pub fn client(conn: quinn::Connection, refusals: Counter) -> Self {
+        Self::with_role(conn, H3_EXCESSIVE_LOAD, refusals)
+    }
+
+    fn with_role(conn: quinn::Connection, head_code: u32, refusals: Counter) -> Self {
         GuardedConnection {
-            head_code: H3_EXCESSIVE_LOAD,
-            ..GuardedConnection::new(conn)
+            inner: h3_quinn::Connection::new(conn.clone()),
+            conn,
+            role: Role {
+                head_code,
+                refusals,
+            },
         }
     }
 }
@@ -225,7 +245,7 @@ impl quic::Connection<Bytes> for GuardedConnection {
                 s,
                 FrameGuard::unidirectional(),
                 Some(self.conn.clone()),
-                self.head_code,
+                &self.role,
             )
         })
     }
@@ -235,13 +255,13 @@ impl quic::Connection<Bytes> for GuardedConnection {
         cx: &mut Context<'_>,
     ) -> Poll<Result<Self::BidiStream, ConnectionErrorIncoming>> {
         quic::Connection::<Bytes>::poll_accept_bidi(&mut self.inner, cx)
-            .map_ok(|s| Guarded::new(s, FrameGuard::request(), None, self.head_code))
+            .map_ok(|s| Guarded::new(s, FrameGuard::request(), None, &self.role))
     }
 
     fn opener(&self) -> Self::OpenStreams {
         GuardedOpener(
             quic::Connection::<Bytes>::opener(&self.inner),
-            self.head_code,
+            self.role.clone(),
         )
     }
 }
@@ -255,7 +275,7 @@ impl quic::OpenStreams<Bytes> for GuardedConnection {
         cx: &mut Context<'_>,
     ) -> Poll<Result<Self::BidiStream, StreamErrorIncoming>> {
         quic::OpenStreams::<Bytes>::poll_open_bidi(&mut self.inner, cx)
-            .map_ok(|s| Guarded::new(s, FrameGuard::request(), None, self.head_code))
+            .map_ok(|s| Guarded::new(s, FrameGuard::request(), None, &self.role))
     }
 
     fn poll_open_send(
@@ -274,7 +294,7 @@ impl quic::OpenStreams<Bytes> for GuardedConnection {
 /// are guarded (the peer's response comes on them); a server opens only unidirectional
 /// streams.
 #[derive(Clone)]
-pub struct GuardedOpener(h3_quinn::OpenStreams, u32);
+pub struct GuardedOpener(h3_quinn::OpenStreams, Role);
 
 impl quic::OpenStreams<Bytes> for GuardedOpener {
     type BidiStream = ServerBidi;
@@ -285,7 +305,7 @@ impl quic::OpenStreams<Bytes> for GuardedOpener {
         cx: &mut Context<'_>,
     ) -> Poll<Result<Self::BidiStream, StreamErrorIncoming>> {
         quic::OpenStreams::<Bytes>::poll_open_bidi(&mut self.0, cx)
-            .map_ok(|s| Guarded::new(s, FrameGuard::request(), None, self.1))
+            .map_ok(|s| Guarded::new(s, FrameGuard::request(), None, &self.1))
     }
 
     fn poll_open_send(

@@ -160,7 +160,10 @@ async fn handle_connection(incoming: quinn::Incoming, ctx: Arc<ListenerCtx>) {
         // Every stream the client opens is read through a frame guard: h3 buffers a
         // non-DATA frame whole before looking at it, the guard refuses one over the limit
         // as soon as its length is known (see h3limit).
-        .build::<_, Bytes>(crate::h3limit::GuardedConnection::new(conn.clone()))
+        .build::<_, Bytes>(crate::h3limit::GuardedConnection::new(
+            conn.clone(),
+            stats.downstream_h3_frame_too_large.clone(),
+        ))
         .await;
     let mut h3_conn = match h3_conn {
         Ok(c) => c,

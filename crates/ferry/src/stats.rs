@@ -613,6 +613,10 @@ pub struct HttpStats {
     /// Requests refused with 431 because their header section was over the limit (HTTP/3:
     /// [`crate::h3server::MAX_REQUEST_HEADERS_BYTES`]).
     pub downstream_rq_headers_too_large: Counter,
+    /// HTTP/3 frames from clients the frame guard refused (see `h3limit`): request heads
+    /// over the limit (also in `downstream_rq_headers_too_large`), later frames on request
+    /// streams (the tunnel ends), control-stream frames (the connection is closed).
+    pub downstream_h3_frame_too_large: Counter,
     pub connect_udp: ConnectUdpStats,
     /// `basic_auth.*` and the listener's `ssl.*` (authentication).
     pub auth: AuthStats,
@@ -825,6 +829,7 @@ impl HttpStats {
             downstream_cx_upgrades_total: c("downstream_cx_upgrades_total"),
             downstream_cx_upgrades_active: g("downstream_cx_upgrades_active"),
             downstream_rq_headers_too_large: c("downstream_rq_headers_too_large"),
+            downstream_h3_frame_too_large: c("downstream_h3_frame_too_large"),
             connect_udp: ConnectUdpStats {
                 max_duration_reached: Some(c("downstream_rq_max_duration_reached")),
                 ..ConnectUdpStats::new(store, &cu)

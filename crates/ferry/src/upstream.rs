@@ -41,6 +41,10 @@ pub struct ClusterStats {
     /// Connections that ended (closed by either side, or timed out: a next hop that
     /// vanished is noticed within [`crate::quic::CLIENT_IDLE_TIMEOUT`]).
     pub upstream_cx_destroy: Counter,
+    /// HTTP/3 frames from the next hop refused by the frame guard (see `h3limit`): a
+    /// response head or other frame over the limit (the request fails), or a control-stream
+    /// frame (the connection is closed).
+    pub upstream_h3_frame_too_large: Counter,
 }
 
 impl ClusterStats {
@@ -53,6 +57,7 @@ impl ClusterStats {
             upstream_cx_connect_timeout: c("upstream_cx_connect_timeout"),
             upstream_rq_total: c("upstream_rq_total"),
             upstream_cx_destroy: c("upstream_cx_destroy"),
+            upstream_h3_frame_too_large: c("upstream_h3_frame_too_large"),
         }
     }
 }
@@ -202,7 +207,10 @@ impl UpstreamPool {
             // The next hop's response heads and control frames are bounded as a client's
             // requests are (see h3limit): h3 would buffer any frame whole.
             .max_field_section_size(crate::h3limit::MAX_REQUEST_HEADERS_BYTES)
-            .build::<_, _, Bytes>(crate::h3limit::GuardedConnection::client(conn.clone()))
+            .build::<_, _, Bytes>(crate::h3limit::GuardedConnection::client(
+                conn.clone(),
+                self.stats.upstream_h3_frame_too_large.clone(),
+            ))
             .await
             .map_err(|e| UpstreamError::Refused(format!("HTTP/3 setup: {e}")))?;
         let peer = driver.inner.shared.clone();

@@ -518,6 +518,7 @@ async fn next_hop_response_head_over_the_limit_is_refused() {
         .unwrap()
         .unwrap();
     assert_eq!(code, Ok(H3_EXCESSIVE_LOAD));
+    assert_eq!(a.stat("cluster.target.upstream_h3_frame_too_large"), 1);
 }
 
 /// A next hop that sends a control frame over the limit loses its connection
@@ -536,4 +537,5 @@ async fn next_hop_control_frame_over_the_limit_closes_its_connection() {
         .unwrap();
     assert_eq!(code, Ok(H3_EXCESSIVE_LOAD));
     a.wait_stat("cluster.target.upstream_cx_destroy", 1).await;
+    assert_eq!(a.stat("cluster.target.upstream_h3_frame_too_large"), 1);
 }

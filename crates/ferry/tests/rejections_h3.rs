@@ -261,6 +261,11 @@ async fn oversized_header_frame_is_refused_before_it_is_buffered() {
         println!("case {i}: the client could write {written} bytes before STOP_SENDING");
     }
     assert_eq!(proxy.stat("http.ingress_http.downstream_rq_4xx"), 3);
+    // Every refusal of the guard is counted there too.
+    assert_eq!(
+        proxy.stat("http.ingress_http.downstream_h3_frame_too_large"),
+        3
+    );
 
     // The same connection and a new one still get tunnels.
     let mut t = client.open(PATH, &[], false).await.unwrap();
@@ -271,4 +276,160 @@ async fn oversized_header_frame_is_refused_before_it_is_buffered() {
     assert_eq!(t.status, 200);
     assert_eq!(echo_until_received(&mut t, b"new").await.as_ref(), b"new");
     assert!(target.seen().iter().all(|d| d == "same" || d == "new"));
+}
+
+/// RFC 9114 section 8.1.
+const H3_EXCESSIVE_LOAD: u32 = 0x107;
+
+/// A QPACK prefixed integer (RFC 9204 section 4.1.1): `first` holds the bits above the
+/// `prefix`-bit field.
+fn qpack_int(out: &mut Vec<u8>, first: u8, prefix: u8, value: usize) {
+    let max = (1usize << prefix) - 1;
+    if value < max {
+        out.push(first | value as u8);
+        return;
+    }
+    out.push(first | max as u8);
+    let mut rest = value - max;
+    while rest >= 128 {
+        out.push((rest % 128) as u8 | 0x80);
+        rest /= 128;
+    }
+    out.push(rest as u8);
+}
+
+/// The HEADERS frame of a CONNECT-UDP request for [`PATH`], QPACK-encoded by hand with
+/// literal names and values only (no tables, no Huffman), so the test controls every byte
+/// on the stream.
+fn connect_udp_headers_frame() -> Vec<u8> {
+    let mut block = vec![0x00, 0x00]; // Required Insert Count 0, Base 0
+    for (name, value) in [
+        (":method", "CONNECT"),
+        (":protocol", "connect-udp"),
+        (":scheme", "https"),
+        (":authority", "localhost"),
+        (":path", PATH),
+        ("capsule-protocol", "?1"),
+    ] {
+        // Literal Field Line with Literal Name: 001 N H NameLen(3+), then H ValueLen(7+).
+        qpack_int(&mut block, 0x20, 3, name.len());
+        block.extend_from_slice(name.as_bytes());
+        qpack_int(&mut block, 0x00, 7, value.len());
+        block.extend_from_slice(value.as_bytes());
+    }
+    let mut frame = vec![0x01]; // HEADERS
+                                // Its length as a two-byte QUIC varint (RFC 9000 section 16).
+    assert!(block.len() < 1 << 14);
+    frame.extend_from_slice(&(0x4000 | block.len() as u16).to_be_bytes());
+    frame.extend_from_slice(&block);
+    frame
+}
+
+/// After a request head that opened a tunnel, a frame over the limit on the request stream
+/// (a reserved type announcing 8 MiB) is refused on its length: STOP_SENDING
+/// (H3_EXCESSIVE_LOAD), the tunnel ends, the refusal is counted
+/// (`downstream_h3_frame_too_large`), and the connection keeps its service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_frame_after_the_request_head_ends_only_that_tunnel() {
+    let (proxy, _target) = start_default().await;
+    let mut client = proxy.client(true).await;
+    let (mut send, mut recv) = client.conn.open_bi().await.unwrap();
+    send.write_all(&connect_udp_headers_frame()).await.unwrap();
+    // The 2xx response head arrives first: the tunnel is open.
+    let mut response = [0u8; 256];
+    let n = tokio::time::timeout(DEADLINE, recv.read(&mut response))
+        .await
+        .expect("no response")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        response[0],
+        0x01,
+        "a HEADERS frame: {:02x?}",
+        &response[..n]
+    );
+    // A reserved frame type (0x21) announcing 8 MiB (4-byte varint), then its bytes.
+    send.write_all(&[0x21, 0x80, 0x80, 0x00, 0x00])
+        .await
+        .unwrap();
+    let chunk = vec![0u8; 16 * 1024];
+    let mut written = 0;
+    let code = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match send.write(&chunk).await {
+                Ok(n) => {
+                    written += n;
+                    assert!(written < 8 << 20, "the proxy took all {written} bytes");
+                }
+                Err(quinn::WriteError::Stopped(code)) => break code,
+                Err(e) => panic!("write failed: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("the proxy never stopped the stream");
+    assert!(written <= STREAM_WINDOW, "wrote {written}");
+    assert_eq!(code, quinn::VarInt::from_u32(H3_EXCESSIVE_LOAD));
+    let p = "http.ingress_http.";
+    proxy
+        .wait_stat(&format!("{p}downstream_h3_frame_too_large"), 1)
+        .await;
+    proxy
+        .wait_stat(&format!("{p}connect_udp.tunnels_total"), 1)
+        .await;
+    proxy
+        .wait_stat(&format!("{p}connect_udp.tunnels_active"), 0)
+        .await;
+    assert_eq!(
+        proxy.stat(&format!("{p}downstream_rq_headers_too_large")),
+        0
+    );
+    let mut t = client.open(PATH, &[], false).await.unwrap();
+    assert_eq!(t.status, 200);
+    assert_eq!(
+        echo_until_received(&mut t, b"still").await.as_ref(),
+        b"still"
+    );
+}
+
+/// A client whose control stream carries a frame over the limit (after its SETTINGS) loses
+/// its connection (H3_EXCESSIVE_LOAD) as soon as the length is read; it is counted, and
+/// other connections keep their service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_control_frame_closes_that_connection() {
+    let (proxy, _target) = start_default().await;
+    let tls = ferry::tls::client_config(Some(&proxy.cert.cert_pem), false, &[b"h3"]).unwrap();
+    let endpoint = ferry::quic::client_endpoint("127.0.0.1:0".parse().unwrap(), tls).unwrap();
+    let conn = endpoint
+        .connect(proxy.addr, "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+    let mut control = conn.open_uni().await.unwrap();
+    // Control stream (0x00), empty SETTINGS (0x04 0x00), then a reserved frame type (0x21)
+    // announcing 2^40 bytes (8-byte varint) and some of them.
+    control
+        .write_all(&[0x00, 0x04, 0x00, 0x21, 0xc0, 0, 0, 0x01, 0, 0, 0, 0])
+        .await
+        .unwrap();
+    let _ = control.write_all(&[0u8; 64 * 1024]).await;
+    let closed = tokio::time::timeout(DEADLINE, conn.closed())
+        .await
+        .expect("the proxy kept the connection");
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, quinn::VarInt::from_u32(H3_EXCESSIVE_LOAD))
+        }
+        other => panic!("closed with {other}"),
+    }
+    proxy
+        .wait_stat("http.ingress_http.downstream_h3_frame_too_large", 1)
+        .await;
+    let mut client = proxy.client(true).await;
+    let mut t = client.open(PATH, &[], false).await.unwrap();
+    assert_eq!(t.status, 200);
+    assert_eq!(
+        echo_until_received(&mut t, b"others").await.as_ref(),
+        b"others"
+    );
 }
