@@ -490,6 +490,21 @@ async fn hostile_next_hop(
     (addr, task)
 }
 
+/// A forwarder to a hostile next hop, and a client of the forwarder.
+async fn forwarder_to_hostile(
+    how: Hostile,
+) -> (
+    Proxy,
+    ferry::client::H3Client,
+    tokio::task::JoinHandle<Result<u64, String>>,
+) {
+    let cert = test_cert();
+    let (hop, hostile) = hostile_next_hop(&cert, how).await;
+    let a = forwarder(hop, &cert.cert_pem, FORWARD_ROUTE).await;
+    let client = a.client(true).await;
+    (a, client, hostile)
+}
+
 /// H3_EXCESSIVE_LOAD (RFC 9114 section 8.1).
 const H3_EXCESSIVE_LOAD: u64 = 0x107;
 
@@ -499,10 +514,7 @@ const H3_EXCESSIVE_LOAD: u64 = 0x107;
 /// and wait for the rest until the response timeout).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn next_hop_response_head_over_the_limit_is_refused() {
-    let cert = test_cert();
-    let (hop, hostile) = hostile_next_hop(&cert, Hostile::HugeResponseHead).await;
-    let a = forwarder(hop, &cert.cert_pem, FORWARD_ROUTE).await;
-    let mut client = a.client(true).await;
+    let (a, mut client, hostile) = forwarder_to_hostile(Hostile::HugeResponseHead).await;
     let t = tokio::time::timeout(DEADLINE, client.open(PATH, &[], false))
         .await
         .expect("an answer before the response timeout")
@@ -525,10 +537,7 @@ async fn next_hop_response_head_over_the_limit_is_refused() {
 /// (H3_EXCESSIVE_LOAD), as a client that does so does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn next_hop_control_frame_over_the_limit_closes_its_connection() {
-    let cert = test_cert();
-    let (hop, hostile) = hostile_next_hop(&cert, Hostile::HugeControlFrame).await;
-    let a = forwarder(hop, &cert.cert_pem, FORWARD_ROUTE).await;
-    let mut client = a.client(true).await;
+    let (a, mut client, hostile) = forwarder_to_hostile(Hostile::HugeControlFrame).await;
     // The tunnel's request is what makes A connect; its answer does not matter here.
     let _ = tokio::time::timeout(DEADLINE, client.open(PATH, &[], false)).await;
     let code = tokio::time::timeout(DEADLINE, hostile)

@@ -185,8 +185,21 @@ async fn write_until_stopped(
 ) -> (usize, quinn::VarInt, Vec<u8>) {
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     send.write_all(head).await.unwrap();
-    let mut written = head.len();
+    let (written, code) = flood_until_stopped(&mut send, total - head.len()).await;
+    let written = written + head.len();
+    let response = tokio::time::timeout(DEADLINE, recv.read_to_end(64 * 1024))
+        .await
+        .expect("no response")
+        .unwrap();
+    (written, code, response)
+}
+
+/// Write zeros on `send` until the proxy stops the stream (STOP_SENDING) and return how
+/// many bytes went out and the code. Fails if the proxy takes `total` bytes, or never
+/// stops the stream.
+async fn flood_until_stopped(send: &mut quinn::SendStream, total: usize) -> (usize, quinn::VarInt) {
     let chunk = vec![0u8; 16 * 1024];
+    let mut written = 0;
     let code = tokio::time::timeout(DEADLINE, async {
         loop {
             match send.write(&chunk).await {
@@ -201,11 +214,7 @@ async fn write_until_stopped(
     })
     .await
     .expect("the proxy never stopped the stream");
-    let response = tokio::time::timeout(DEADLINE, recv.read_to_end(64 * 1024))
-        .await
-        .expect("no response")
-        .unwrap();
-    (written, code, response)
+    (written, code)
 }
 
 /// quinn's default stream receive window: all a client can send on a stream that the
@@ -352,22 +361,7 @@ async fn oversized_frame_after_the_request_head_ends_only_that_tunnel() {
     send.write_all(&[0x21, 0x80, 0x80, 0x00, 0x00])
         .await
         .unwrap();
-    let chunk = vec![0u8; 16 * 1024];
-    let mut written = 0;
-    let code = tokio::time::timeout(DEADLINE, async {
-        loop {
-            match send.write(&chunk).await {
-                Ok(n) => {
-                    written += n;
-                    assert!(written < 8 << 20, "the proxy took all {written} bytes");
-                }
-                Err(quinn::WriteError::Stopped(code)) => break code,
-                Err(e) => panic!("write failed: {e}"),
-            }
-        }
-    })
-    .await
-    .expect("the proxy never stopped the stream");
+    let (written, code) = flood_until_stopped(&mut send, 8 << 20).await;
     assert!(written <= STREAM_WINDOW, "wrote {written}");
     assert_eq!(code, quinn::VarInt::from_u32(H3_EXCESSIVE_LOAD));
     let p = "http.ingress_http.";
