@@ -56,7 +56,7 @@ def skip_if_missing(impl: str) -> None:
 
 def free_udp_port() -> int:
     """A loopback UDP port nobody listens on (bound, then released). Another process may take
-    it before the caller binds it; callers that spawn a server on it retry on EADDRINUSE."""
+    it before the caller binds it."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

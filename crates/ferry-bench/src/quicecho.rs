@@ -17,6 +17,11 @@ use ferry_config::{CertificateKeyPair, ServerTls};
 /// Bind `listen`, print the bound address on stdout, and serve on a one-worker runtime
 /// (as a proxy at `--concurrency 1`) until `max_time` has passed.
 pub fn run(listen: SocketAddr, cert: &Path, key: &Path, max_time: Duration) -> Result<(), String> {
+    if !listen.ip().is_loopback() {
+        return Err(format!(
+            "{listen}: the QUIC floor binds loopback addresses only"
+        ));
+    }
     let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
     let tls = ServerTls {
         certificates: vec![CertificateKeyPair {
@@ -69,8 +74,6 @@ async fn serve_connection(conn: quinn::Connection) {
             .build::<_, Bytes>(h3_quinn::Connection::new(conn.clone()))
             .await;
         let Ok(mut h3) = h3 else { return };
-        // Streams stay open (their tunnels with them) until the connection ends.
-        let mut open = Vec::new();
         while let Ok(Some(resolver)) = h3.accept().await {
             let Ok((_request, mut stream)) = resolver.resolve_request().await else {
                 continue;
@@ -80,7 +83,9 @@ async fn serve_connection(conn: quinn::Connection) {
                 .headers_mut()
                 .insert("capsule-protocol", http::HeaderValue::from_static("?1"));
             if stream.send_response(response).await.is_ok() {
-                open.push(stream);
+                // The tunnel stays open until the client ends its stream; anything it
+                // sends on the stream (capsules) is read and dropped.
+                tokio::spawn(async move { while let Ok(Some(_)) = stream.recv_data().await {} });
             }
         }
     };

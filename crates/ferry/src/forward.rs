@@ -302,7 +302,7 @@ async fn pump(
 }
 
 pub type DownSend = h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
-pub type DownRecv = h3::server::RequestStream<crate::h3limit::ServerRecv, Bytes>;
+pub type DownRecv = h3::server::RequestStream<crate::h3limit::GuardedRecv, Bytes>;
 pub type UpStream = h3::client::RequestStream<crate::h3limit::GuardedBidi, Bytes>;
 
 /// Relay between the client's hop (`down`) and the next hop (`up`) until either side
@@ -542,7 +542,7 @@ pub fn copy_headers(from: &http::HeaderMap, to: &mut http::HeaderMap) {
     }
 }
 
-pub type H3Stream = h3::server::RequestStream<crate::h3limit::ServerBidi, Bytes>;
+pub type H3Stream = h3::server::RequestStream<crate::h3limit::GuardedBidi, Bytes>;
 
 /// Everything the forwarder needs from the downstream side.
 pub struct Downstream {

@@ -192,10 +192,6 @@ where
 pub type GuardedBidi = Guarded<h3_quinn::BidiStream<Bytes>>;
 /// Its receiving half.
 pub type GuardedRecv = Guarded<h3_quinn::RecvStream>;
-/// A server-side request stream.
-pub type ServerBidi = GuardedBidi;
-/// Its receiving half.
-pub type ServerRecv = GuardedRecv;
 
 /// h3-quinn's connection with every stream guarded that carries frames from the peer: the
 /// streams the peer opens (its control stream, a client's requests) and, on a client, the
@@ -267,7 +263,7 @@ impl quic::Connection<Bytes> for GuardedConnection {
 }
 
 impl quic::OpenStreams<Bytes> for GuardedConnection {
-    type BidiStream = ServerBidi;
+    type BidiStream = GuardedBidi;
     type SendStream = h3_quinn::SendStream<Bytes>;
 
     fn poll_open_bidi(
@@ -297,7 +293,7 @@ impl quic::OpenStreams<Bytes> for GuardedConnection {
 pub struct GuardedOpener(h3_quinn::OpenStreams, Role);
 
 impl quic::OpenStreams<Bytes> for GuardedOpener {
-    type BidiStream = ServerBidi;
+    type BidiStream = GuardedBidi;
     type SendStream = h3_quinn::SendStream<Bytes>;
 
     fn poll_open_bidi(

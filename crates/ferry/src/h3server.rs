@@ -47,7 +47,7 @@ pub struct H3Listener {
     ctx: Arc<ListenerCtx>,
 }
 
-type H3Stream = RequestStream<crate::h3limit::ServerBidi, Bytes>;
+type H3Stream = RequestStream<crate::h3limit::GuardedBidi, Bytes>;
 
 impl H3Listener {
     /// Bind the listener's socket. Nothing is served until [`H3Listener::serve`].

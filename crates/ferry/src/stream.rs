@@ -32,7 +32,7 @@ pub trait StreamSend: Send {
 }
 
 pub type H3ServerSend = h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
-pub type H3ServerRecv = h3::server::RequestStream<crate::h3limit::ServerRecv, Bytes>;
+pub type H3ServerRecv = h3::server::RequestStream<crate::h3limit::GuardedRecv, Bytes>;
 pub type H3ClientSend = h3::client::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
 pub type H3ClientRecv = h3::client::RequestStream<crate::h3limit::GuardedRecv, Bytes>;
 
