@@ -55,7 +55,7 @@ PAYLOAD = 1200
 # through. Envoy's loads therefore use a client without GSO (its best case); one load with
 # GSO is recorded to show the effect, and Ferry is also measured with the same GSO-less
 # client for an identical-client ratio.
-CLIENT_FLAGS = {"direct": [], "quic": [], "ferry": [], "envoy": ["--no-gso"]}
+CLIENT_FLAGS = {"direct": [], "quic": [], "relay": [], "ferry": [], "envoy": ["--no-gso"]}
 
 
 def log(msg: str) -> None:
@@ -191,9 +191,12 @@ class QuicFloor:
     datagram straight back, with no UDP leg. What QUIC and HTTP/3 alone cost on this machine:
     the floor under any proxy's round trip and rate. Quacks like a Proxy for target_args."""
 
-    def __init__(self, bench_bin: Path) -> None:
-        self.proc = subprocess.Popen([str(bench_bin), "quic-echo", "--listen", "127.0.0.1:0", "--max-secs", "3000"],
-                                     cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    def __init__(self, bench_bin: Path, relay: str | None = None) -> None:
+        """With ``relay`` (the echo's address): the relay floor, ``quic-echo --relay``, which
+        relays each tunnel over a UDP socket of its own and does nothing else a proxy does."""
+        extra = ["--relay", relay] if relay else []
+        self.proc = subprocess.Popen([str(bench_bin), "quic-echo", "--listen", "127.0.0.1:0", "--max-secs", "3000",
+                                      *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.pid = self.proc.pid
         self.addr = self.proc.stdout.readline().strip()
         if not self.addr:
@@ -353,6 +356,8 @@ def main() -> int:
             log(f"{impl} died; restarting")
             if impl == "quic":
                 proxies["quic"] = QuicFloor(bench_bin)
+            elif impl == "relay":
+                proxies["relay"] = QuicFloor(bench_bin, relay=echo_addr)
             else:
                 start(impl)
 
@@ -366,6 +371,12 @@ def main() -> int:
         start("envoy")
         proxies["quic"] = QuicFloor(bench_bin)
         log(f"quic floor pid {proxies['quic'].pid} on {proxies['quic'].addr}")
+        # The relay floor (1,000-tunnel load only): the UDP leg with nothing else a proxy does.
+        proxies["relay"] = QuicFloor(bench_bin, relay=echo_addr)
+        log(f"relay floor pid {proxies['relay'].pid} on {proxies['relay'].addr}")
+        # Every 1,000-tunnel load also reports the echo's CPU: with the client's and the
+        # proxy's, where the two cores go (the CPU budget).
+        target_pid = ["--target-pid", str(echo.pid)]
 
         # 1. One tunnel: highest rate with at most 0.1% loss.
         single: dict[str, list] = {i: [] for i in impls}
@@ -418,12 +429,13 @@ def main() -> int:
         results["latency_rate"] = lat_rate
 
         # 3. 1,000 tunnels over 10 connections: aggregate and fairness.
-        many: dict[str, list] = {i: [] for i in impls}
+        many_impls = ["direct", "quic", "relay", "ferry", "envoy"]
+        many: dict[str, list] = {i: [] for i in many_impls}
         for r in range(max(1, reps - 1)):
-            for impl in rotate(impls, r):
+            for impl in rotate(many_impls, r):
                 check_alive(impl)
                 log(f"{many_tunnels} tunnels / {many_conns} connections: {impl} (rep {r + 1})")
-                many[impl].append(bench.run(["search", *target_args(impl, proxies), "--size",
+                many[impl].append(bench.run(["search", *target_args(impl, proxies), *target_pid, "--size",
                                              str(payload_for(impl)), "--tunnels", str(many_tunnels),
                                              "--connections", str(many_conns),
                                              "--start-rate", "2000" if impl == "envoy" else "8000",
@@ -438,12 +450,24 @@ def main() -> int:
         many_flows = []
         for r in range(max(1, reps - 1)):
             log(f"{many_tunnels} tunnels as {many_tunnels} direct sockets (rep {r + 1})")
-            many_flows.append(bench.run(["search", "--direct", "--size", str(PAYLOAD), "--tunnels",
+            many_flows.append(bench.run(["search", "--direct", *target_pid, "--size", str(PAYLOAD), "--tunnels",
                                          str(many_tunnels), "--connections", str(many_tunnels),
                                          "--start-rate", "8000", "--trial-secs", trial_secs,
                                          "--max-trials", "8" if quick else "12"],
                                         f"direct-{many_tunnels}sockets-r{r + 1}", timeout=300))
         results["many_flows"] = many_flows
+        # The UDP leg's own cost per datagram with one flow per tunnel: no scheduler, no QUIC.
+        udp_cost = []
+        for r in range(max(1, reps)):
+            cmd = [str(bench_bin), "udp-cost", "--flows", str(many_tunnels), "--size", str(PAYLOAD), "--json"]
+            bench.commands.append(" ".join(["ferry-bench", *cmd[1:]]))
+            log(f"udp-cost, {many_tunnels} flows (rep {r + 1})")
+            p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+            if p.returncode == 0:
+                udp_cost.append(json.loads(p.stdout.strip().splitlines()[-1]))
+            else:
+                bench.failures.append(f"udp-cost: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+        results["udp_cost"] = udp_cost
 
         # 4. Set-up: tunnels on existing connections and idle memory (fresh proxies, so the
         # allocator has no memory from the loads above to reuse).
@@ -539,7 +563,16 @@ def summarize(results: dict) -> dict:
         s[q] = {i: med([trial_field(x, "rtt_us", q) for x in latency[i]]) for i in impls}
     s["lat_loss"] = {i: med([trial_field(x, "loss") for x in latency[i]]) for i in impls}
     s["lat_cpu"] = {i: med([trial_field(x, "proxy", "cpu_cores") for x in latency[i]]) for i in impls}
-    s["many"] = {i: med([best_dps(x) for x in results["many"].get(i, [])]) for i in impls}
+    s["many"] = {i: med([best_dps(x) for x in results["many"].get(i, [])]) for i in impls + ["relay"]}
+    # Where the two cores go at each one's best 1,000-tunnel rate: cores per process.
+    budget = {}
+    for i, runs in [*results["many"].items(), ("direct1000", results.get("many_flows", []))]:
+        budget[i] = {k: med([trial_field(x, "best", k, "cpu_cores") for x in runs])
+                     for k in ["client", "proxy", "target"]}
+        budget[i]["dps"] = med([best_dps(x) for x in runs])
+    s["budget"] = budget
+    uc = results.get("udp_cost") or []
+    s["udp_cost"] = {k: med([u[k] for u in uc]) for k in ["proxy_ns", "target_ns"]} if uc else None
     s["many_flows"] = med([best_dps(x) for x in results.get("many_flows", [])])
     s["many_fair"] = {i: med([trial_field(x, "best", "fairness", "min_over_mean")
                               for x in results["many"].get(i, [])]) for i in impls}
@@ -723,6 +756,8 @@ def write_markdown(results: dict, commands: list[str], path: Path, charts: Path,
         add(f"| 1,000 tunnels / 10 connections: highest aggregate rate with ≤0.1% loss (datagrams/s) | "
             f"{fmt(M['direct'])} | {fmt(M[Q])} | {fmt(M['ferry'])} | {ratio(M['ferry'], M[Q])} | |")
         add("")
+    if s["budget"].get("relay"):
+        add_budget(add, s)
     add("### Targets")
     add("")
     add("| target | measured | met? |")
@@ -751,6 +786,8 @@ def write_markdown(results: dict, commands: list[str], path: Path, charts: Path,
     add("# echo:    ferry-bench echo --listen 127.0.0.1:0 --max-secs 3000   (at nice -10)")
     if results["single"].get("quic"):
         add("# floor:   ferry-bench quic-echo --listen 127.0.0.1:0 --max-secs 3000   (the QUIC floor)")
+    if results["many"].get("relay"):
+        add("# relay:   ferry-bench quic-echo --listen 127.0.0.1:0 --max-secs 3000 --relay ECHO   (the relay floor)")
     add("# ferry-bench is target/release/ferry-bench; PID and ports below were this run's")
     for c in commands:
         add(c)
@@ -772,6 +809,44 @@ def write_markdown(results: dict, commands: list[str], path: Path, charts: Path,
         return
     path.write_text("# Benchmarks\n\nRun `scripts/bench-compare.py` (add `--quick` for a short run).\n\n"
                     + block + "\n")
+
+
+def add_budget(add, s: dict) -> None:
+    """The 1,000-tunnel table of the relay floor and of where the two cores go."""
+    B, M = s["budget"], s["many"]
+    add("**1,000 tunnels: the relay floor, and where the two cores go.** `ferry-bench quic-echo "
+        "--relay ECHO` is the **relay floor**: the same HTTP/3 server as the QUIC floor, but each tunnel "
+        "gets its own connected UDP socket to the echo (one flow per tunnel, as Ferry and Envoy open), "
+        "each datagram is sent on it and what comes back goes to the client; no checks, stats, access "
+        "log or batching. Each row is one process's CPU (cores, from `/proc`) during the best trial "
+        "of each search, and the CPU of all three per datagram delivered.")
+    add("")
+    add("| 1,000 tunnels / 10 connections | highest rate, ≤0.1% loss (datagrams/s) | client | proxy | "
+        "echo target | all three (cores) | CPU per datagram (µs) |")
+    add("|---|---:|---:|---:|---:|---:|---:|")
+    names = [("direct", "direct UDP, 10 sockets"), ("direct1000", "direct UDP, one socket per tunnel"),
+             ("quic", "QUIC floor (no UDP leg)"), ("relay", "relay floor (UDP leg only)"),
+             ("ferry", "Ferry"), ("envoy", "Envoy 1.40")]
+    for key, name in names:
+        b = B.get(key)
+        if not b or b.get("dps") is None:
+            continue
+        parts = [b.get(k) for k in ["client", "proxy", "target"]]
+        total = sum(p for p in parts if p is not None)
+        per = total * 1e6 / b["dps"] if b["dps"] else None
+        add(f"| {name} | {fmt(b['dps'])} | " + " | ".join(fmt(p, '', 2) for p in parts)
+            + f" | {fmt(total, '', 2)} | {fmt(per, '', 1)} |")
+    add("")
+    uc = s.get("udp_cost")
+    if uc:
+        want = 0.6 * M["direct"] if M.get("direct") else None
+        need = None if want is None else want * (uc["proxy_ns"] + uc["target_ns"]) / 1e9
+        add(f"**The UDP leg alone** (`ferry-bench udp-cost --flows 1000`: one thread, 1,000 pairs of "
+            f"connected loopback sockets, nothing that sleeps): {uc['proxy_ns']:,.0f} ns per datagram on the "
+            f"proxy's side (send to the target, receive its answer) and {uc['target_ns']:,.0f} ns on the "
+            f"target's. At 60% of direct UDP ({fmt(want)}/s) that is {fmt(need, '', 2)} cores before any "
+            "QUIC, any client or any wake-up.")
+        add("")
 
 
 def commands_from_markdown(path: Path) -> list[str]:
@@ -838,6 +913,10 @@ def targets(s: dict, results: dict) -> list[list[str]]:
     mf = None if M["ferry"] is None or not s.get("many_flows") else M["ferry"] / s["many_flows"]
     row("… the same against direct UDP with one socket per tunnel (not the target's baseline)",
         "n/a" if mf is None else f"{mf * 100:.0f}%", None)
+    mr = None if M["ferry"] is None or not M.get("relay") else M["ferry"] / M["relay"]
+    if M.get("relay") is not None:
+        row("… the relay floor (UDP leg only, no proxy logic) against direct UDP; Ferry against it (not targets)",
+            f"{ratio(M['relay'], M['direct'])}; Ferry {'n/a' if mr is None else f'{mr:.2f}x'}", None)
     fair = s["many_below_half"]["ferry"]
     row("… fair share: no tunnel below half the mean",
         "n/a" if fair is None else f"{fair:.0f} tunnels below half the mean "

@@ -30,6 +30,7 @@ mod quicecho;
 mod report;
 mod run;
 mod setup;
+mod udpcost;
 
 #[derive(Parser)]
 #[command(
@@ -68,6 +69,27 @@ enum Cmd {
         /// Exit after this many seconds.
         #[arg(long, default_value_t = 3600.0)]
         max_secs: f64,
+        /// The relay floor: instead of echoing, relay each tunnel's datagrams to this UDP
+        /// target over a socket of its own, with nothing else a proxy does.
+        #[arg(long)]
+        relay: Option<SocketAddr>,
+    },
+    /// The UDP leg's cost per datagram when every datagram is its own flow (one connected
+    /// socket per tunnel, as a proxy must): one thread, loopback socket pairs, nothing that
+    /// sleeps. Prints nanoseconds per datagram for each side.
+    UdpCost {
+        /// Flows (socket pairs); each round sends one datagram on each.
+        #[arg(long, default_value_t = 1000)]
+        flows: usize,
+        /// UDP payload bytes.
+        #[arg(long, default_value_t = 1200)]
+        size: usize,
+        /// Datagrams to time (rounded up to whole rounds).
+        #[arg(long, default_value_t = 400_000)]
+        datagrams: u64,
+        /// Print the result as JSON on stdout.
+        #[arg(long)]
+        json: bool,
     },
     /// One trial: a fixed rate (open loop) or a fixed window per tunnel (closed loop).
     Load(LoadArgs),
@@ -102,6 +124,10 @@ struct Common {
     /// The proxy's pid: report its CPU seconds and peak RSS.
     #[arg(long)]
     proxy_pid: Option<u32>,
+    /// The UDP target's (echo's) pid: report its CPU seconds too (for a CPU budget of the
+    /// whole path: client, proxy and target).
+    #[arg(long)]
+    target_pid: Option<u32>,
     /// Print the result as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -373,6 +399,7 @@ async fn load(a: LoadArgs) -> Result<(), String> {
         a.common.quiet,
         ports(&a.common),
     );
+    ctx.target_pid = a.common.target_pid;
     if a.warmup > 0.0 {
         let w = run::trial(&r, &mut ctx, load, secs(a.warmup, "--warmup")?).await;
         if !ctx.quiet {
@@ -402,6 +429,7 @@ async fn search(a: SearchArgs) -> Result<(), String> {
         a.common.quiet,
         ports(&a.common),
     );
+    ctx.target_pid = a.common.target_pid;
     let p = run::SearchParams {
         max_loss: a.max_loss,
         start_dps: a.start_rate,
@@ -531,7 +559,40 @@ fn main() -> ExitCode {
             cert,
             key,
             max_secs,
-        } => secs(max_secs, "--max-secs").and_then(|d| quicecho::run(listen, &cert, &key, d)),
+            relay,
+        } => {
+            secs(max_secs, "--max-secs").and_then(|d| quicecho::run(listen, &cert, &key, d, relay))
+        }
+        Cmd::UdpCost {
+            flows,
+            size,
+            datagrams,
+            json,
+        } => udpcost::run(flows, size, datagrams).and_then(|c| {
+            if json {
+                let line = serde_json::to_string(&c).map_err(|e| e.to_string())?;
+                println!("{line}");
+            } else {
+                let n = &c.ns_per_datagram;
+                println!(
+                    "{} flows, {} B, {} datagrams: proxy {:.0} ns (send {:.0} + recv {:.0}), \
+                     target {:.0} ns (recv {:.0} + send {:.0}) per datagram; {:.2} s wall, \
+                     {} s CPU",
+                    c.flows,
+                    c.payload_bytes,
+                    c.datagrams,
+                    c.proxy_ns,
+                    n.proxy_send,
+                    n.proxy_recv,
+                    c.target_ns,
+                    n.target_recv,
+                    n.target_send,
+                    c.wall_s,
+                    c.cpu_s.map_or("?".into(), |s| format!("{s:.2}")),
+                );
+            }
+            Ok(())
+        }),
         Cmd::Load(a) => runtime(a.common.threads).and_then(|rt| rt.block_on(load(a))),
         Cmd::Search(a) => runtime(a.common.threads).and_then(|rt| rt.block_on(search(a))),
         Cmd::Tunnels(a) => runtime(a.common.threads).and_then(|rt| rt.block_on(tunnels(a))),

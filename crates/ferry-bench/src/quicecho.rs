@@ -6,17 +6,39 @@
 //! QUIC and HTTP/3 stack costs, plus one server's, on this machine. It is the floor under
 //! any RFC 9298 proxy's round trip, which `--direct` (plain UDP) is not; the benchmarks use
 //! it to say how much of a proxy's added latency is the proxy's own.
+//!
+//! With `relay` set it becomes the **relay floor**: the least a CONNECT-UDP proxy can do on
+//! the same stack. Each tunnel gets its own connected UDP socket to `relay` (as in Ferry and
+//! Envoy: one flow per tunnel), each datagram's payload is sent on it, and what comes back
+//! is sent to the client as an HTTP Datagram. No request checks, policy, stats, access log,
+//! capsules or batching: what that costs is the part of a proxy's cost that is the UDP leg
+//! itself.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use bytes::Bytes;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::{BufMut, Bytes, BytesMut};
 use ferry_config::{CertificateKeyPair, ServerTls};
+use ferry_proto::varint;
+use tokio::net::UdpSocket;
+
+/// Each connection's tunnels by quarter stream id (relay floor only). One worker thread:
+/// the lock is never contended.
+type Tunnels = Arc<Mutex<HashMap<u64, Arc<UdpSocket>>>>;
 
 /// Bind `listen`, print the bound address on stdout, and serve on a one-worker runtime
 /// (as a proxy at `--concurrency 1`) until `max_time` has passed.
-pub fn run(listen: SocketAddr, cert: &Path, key: &Path, max_time: Duration) -> Result<(), String> {
+pub fn run(
+    listen: SocketAddr,
+    cert: &Path,
+    key: &Path,
+    max_time: Duration,
+    relay: Option<SocketAddr>,
+) -> Result<(), String> {
     if !listen.ip().is_loopback() {
         return Err(format!(
             "{listen}: the QUIC floor binds loopback addresses only"
@@ -46,7 +68,7 @@ pub fn run(listen: SocketAddr, cert: &Path, key: &Path, max_time: Duration) -> R
             while let Some(incoming) = endpoint.accept().await {
                 tokio::spawn(async move {
                     if let Ok(conn) = incoming.await {
-                        serve_connection(conn).await;
+                        serve_connection(conn, relay).await;
                     }
                 });
             }
@@ -56,12 +78,16 @@ pub fn run(listen: SocketAddr, cert: &Path, key: &Path, max_time: Duration) -> R
     })
 }
 
-async fn serve_connection(conn: quinn::Connection) {
+async fn serve_connection(conn: quinn::Connection, relay: Option<SocketAddr>) {
+    let tunnels: Tunnels = Arc::default();
     let echo = {
         let conn = conn.clone();
+        let tunnels = tunnels.clone();
         async move {
             while let Ok(datagram) = conn.read_datagram().await {
-                if conn.send_datagram_wait(datagram).await.is_err() {
+                if relay.is_some() {
+                    to_target(&datagram, &tunnels);
+                } else if conn.send_datagram_wait(datagram).await.is_err() {
                     return;
                 }
             }
@@ -78,6 +104,17 @@ async fn serve_connection(conn: quinn::Connection) {
             let Ok((_request, mut stream)) = resolver.resolve_request().await else {
                 continue;
             };
+            if let Some(target) = relay {
+                let qsid = stream.id().into_inner() / 4;
+                let Ok(udp) = ferry::tunnel::connect_udp(target) else {
+                    continue;
+                };
+                let udp = Arc::new(udp);
+                if let Ok(mut t) = tunnels.lock() {
+                    t.insert(qsid, udp.clone());
+                }
+                tokio::spawn(from_target(udp, qsid, conn.clone(), tunnels.clone()));
+            }
             let mut response = http::Response::new(());
             response
                 .headers_mut()
@@ -90,4 +127,48 @@ async fn serve_connection(conn: quinn::Connection) {
         }
     };
     tokio::join!(echo, requests);
+}
+
+/// A client datagram to its tunnel's target: the payload after the quarter stream id and a
+/// zero context id, sent on the tunnel's socket (dropped when the socket's buffer is full,
+/// as a network would).
+fn to_target(datagram: &Bytes, tunnels: &Tunnels) {
+    let Ok((qsid, n)) = varint::decode(datagram) else {
+        return;
+    };
+    let Some(rest) = datagram.get(n..) else {
+        return;
+    };
+    let Ok((0, m)) = varint::decode(rest) else {
+        return;
+    };
+    let udp = tunnels.lock().ok().and_then(|t| t.get(&qsid).cloned());
+    if let (Some(udp), Some(payload)) = (udp, rest.get(m..)) {
+        let _ = udp.try_send(payload);
+    }
+}
+
+/// What the target sends back, to the client as HTTP Datagrams of tunnel `qsid`, until the
+/// connection ends.
+async fn from_target(udp: Arc<UdpSocket>, qsid: u64, conn: quinn::Connection, tunnels: Tunnels) {
+    let mut buf = vec![0u8; 65_536];
+    let header = varint::encoded_len(qsid) + 1;
+    loop {
+        tokio::select! {
+            r = udp.recv(&mut buf) => {
+                let Ok(n) = r else { break };
+                let mut out = BytesMut::with_capacity(header + n);
+                let _ = varint::put(qsid, &mut out);
+                out.put_u8(0);
+                out.extend_from_slice(buf.get(..n).unwrap_or_default());
+                if conn.send_datagram(out.freeze()).is_err() {
+                    break;
+                }
+            }
+            _ = conn.closed() => break,
+        }
+    }
+    if let Ok(mut t) = tunnels.lock() {
+        t.remove(&qsid);
+    }
 }

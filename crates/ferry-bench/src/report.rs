@@ -116,6 +116,8 @@ pub struct Trial {
     pub ok: Option<bool>,
     pub proxy: Option<Usage>,
     pub client: Option<Usage>,
+    /// The UDP target's CPU (with `--target-pid`).
+    pub target: Option<Usage>,
     /// The client's QUIC view of its connections (client -> proxy direction), summed over
     /// connections during the trial; `None` when direct.
     pub quic: Option<QuicPath>,

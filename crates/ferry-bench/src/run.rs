@@ -18,6 +18,8 @@ const MAX_BURST: u64 = 64;
 pub struct Ctx {
     pub label: String,
     pub proxy_pid: Option<u32>,
+    /// The target's pid, for its CPU seconds (`Trial::target`).
+    pub target_pid: Option<u32>,
     pub quiet: bool,
     /// How long the pacer sleeps at most between bursts.
     pub pace_tick: Duration,
@@ -38,6 +40,7 @@ impl Ctx {
         Ctx {
             label,
             proxy_pid,
+            target_pid: None,
             quiet,
             ports,
             pace_tick: Duration::from_micros(200),
@@ -98,6 +101,7 @@ pub async fn trial(ready: &Ready, ctx: &mut Ctx, load: Load, duration: Duration)
     }
     let proxy_before = ctx.proxy_pid.and_then(|p| procstat::read(Some(p)));
     let client_before = procstat::read(None);
+    let target_before = ctx.target_pid.and_then(|p| procstat::read(Some(p)));
     let start = Instant::now();
 
     let sending = match load {
@@ -161,6 +165,7 @@ pub async fn trial(ready: &Ready, ctx: &mut Ctx, load: Load, duration: Duration)
     let wall = start.elapsed().as_secs_f64();
     let proxy_after = ctx.proxy_pid.and_then(|p| procstat::read(Some(p)));
     let client_after = procstat::read(None);
+    let target_after = ctx.target_pid.and_then(|p| procstat::read(Some(p)));
     // Stop counting: whatever arrives from now on is late.
     for l in lanes {
         l.epoch.store(0, Ordering::Release);
@@ -237,6 +242,7 @@ pub async fn trial(ready: &Ready, ctx: &mut Ctx, load: Load, duration: Duration)
         ok: None,
         proxy: procstat::usage(proxy_before, proxy_after, wall),
         client: procstat::usage(client_before, client_after, wall),
+        target: procstat::usage(target_before, target_after, wall),
         quic,
         kernel_drops_target,
         kernel_drops_proxy_listener,

@@ -40,7 +40,17 @@ fn serve(args: &[&str]) -> (String, Killed) {
 }
 
 fn load(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(BIN)
+    let out = load_output(args);
+    assert!(
+        out.status.success(),
+        "load failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn load_output(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
         .arg("load")
         .args(args)
         .args([
@@ -54,13 +64,7 @@ fn load(args: &[&str]) -> serde_json::Value {
             "-q",
         ])
         .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "load failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+        .unwrap()
 }
 
 #[test]
@@ -94,4 +98,68 @@ fn load_through_the_quic_floor_gets_every_datagram_back() {
     assert_eq!(r["received"].as_u64(), Some(sent), "{r}");
     assert_eq!(r["misrouted"].as_u64(), Some(0), "{r}");
     assert_eq!(r["malformed"].as_u64(), Some(0), "{r}");
+}
+
+/// The relay floor (`quic-echo --relay`): every datagram goes to the real UDP target over the
+/// tunnel's own socket and comes back from it; with `--target-pid` the load reports the
+/// target's CPU. Pointed at a port where nothing answers, nothing comes back: the datagrams
+/// really cross the UDP leg, they are not echoed by the floor itself.
+#[test]
+fn load_through_the_relay_floor_crosses_the_udp_leg() {
+    let c = certs();
+    let (cert, key) = (c.join("cert.pem"), c.join("key.pem"));
+    let (echo, echo_child) = serve(&["echo", "--max-secs", "60"]);
+    let echo_pid = echo_child.0.id().to_string();
+    let relay = |target: &str| {
+        serve(&[
+            "quic-echo",
+            "--max-secs",
+            "60",
+            "--cert",
+            cert.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+            "--relay",
+            target,
+        ])
+    };
+    let (addr, _relay) = relay(&echo);
+    let j = load(&[
+        "--proxy",
+        &addr,
+        "--ca",
+        cert.to_str().unwrap(),
+        "--target",
+        &echo,
+        "--target-pid",
+        &echo_pid,
+        "--tunnels",
+        "3",
+    ]);
+    let r = &j["result"];
+    let sent = r["sent"].as_u64().unwrap();
+    assert!(sent >= 400, "{r}");
+    assert_eq!(r["received"].as_u64(), Some(sent), "{r}");
+    assert_eq!(r["misrouted"].as_u64(), Some(0), "{r}");
+    assert!(r["target"]["cpu_s"].as_f64().is_some(), "{r}");
+
+    // A UDP port with no socket behind it: the relay's sends go nowhere, so the load's
+    // set-up probes never come back and it gives up.
+    let dead = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap().to_string();
+    drop(dead);
+    let (addr, _relay) = relay(&dead_addr);
+    let out = load_output(&[
+        "--proxy",
+        &addr,
+        "--ca",
+        cert.to_str().unwrap(),
+        "--target",
+        &dead_addr,
+        "--tunnels",
+        "3",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("never echoed"), "{err}");
 }
