@@ -192,7 +192,7 @@ class QuicFloor:
     the floor under any proxy's round trip and rate. Quacks like a Proxy for target_args."""
 
     def __init__(self, bench_bin: Path, relay: str | None = None) -> None:
-        """With ``relay`` (the echo's address): the relay floor, ``quic-echo --relay``, which
+        """With ``relay`` (the echo's address): the minimal relay, ``quic-echo --relay``, which
         relays each tunnel over a UDP socket of its own and does nothing else a proxy does."""
         extra = ["--relay", relay] if relay else []
         self.proc = subprocess.Popen([str(bench_bin), "quic-echo", "--listen", "127.0.0.1:0", "--max-secs", "3000",
@@ -371,9 +371,9 @@ def main() -> int:
         start("envoy")
         proxies["quic"] = QuicFloor(bench_bin)
         log(f"quic floor pid {proxies['quic'].pid} on {proxies['quic'].addr}")
-        # The relay floor (1,000-tunnel load only): the UDP leg with nothing else a proxy does.
+        # The minimal relay (1,000-tunnel load only): the UDP leg with nothing else a proxy does.
         proxies["relay"] = QuicFloor(bench_bin, relay=echo_addr)
-        log(f"relay floor pid {proxies['relay'].pid} on {proxies['relay'].addr}")
+        log(f"minimal relay pid {proxies['relay'].pid} on {proxies['relay'].addr}")
         # Every 1,000-tunnel load also reports the echo's CPU: with the client's and the
         # proxy's, where the two cores go (the CPU budget).
         target_pid = ["--target-pid", str(echo.pid)]
@@ -787,7 +787,7 @@ def write_markdown(results: dict, commands: list[str], path: Path, charts: Path,
     if results["single"].get("quic"):
         add("# floor:   ferry-bench quic-echo --listen 127.0.0.1:0 --max-secs 3000   (the QUIC floor)")
     if results["many"].get("relay"):
-        add("# relay:   ferry-bench quic-echo --listen 127.0.0.1:0 --max-secs 3000 --relay ECHO   (the relay floor)")
+        add("# relay:   ferry-bench quic-echo --listen 127.0.0.1:0 --max-secs 3000 --relay ECHO   (the minimal relay)")
     add("# ferry-bench is target/release/ferry-bench; PID and ports below were this run's")
     for c in commands:
         add(c)
@@ -812,10 +812,10 @@ def write_markdown(results: dict, commands: list[str], path: Path, charts: Path,
 
 
 def add_budget(add, s: dict) -> None:
-    """The 1,000-tunnel table of the relay floor and of where the two cores go."""
+    """The 1,000-tunnel table of the minimal relay and of where the two cores go."""
     B, M = s["budget"], s["many"]
-    add("**1,000 tunnels: the relay floor, and where the two cores go.** `ferry-bench quic-echo "
-        "--relay ECHO` is the **relay floor**: the same HTTP/3 server as the QUIC floor, but each tunnel "
+    add("**1,000 tunnels: the minimal relay, and where the two cores go.** `ferry-bench quic-echo "
+        "--relay ECHO` is the **minimal relay**: the same HTTP/3 server as the QUIC floor, but each tunnel "
         "gets its own connected UDP socket to the echo (one flow per tunnel, as Ferry and Envoy open), "
         "each datagram is sent on it and what comes back goes to the client; no checks, stats, access "
         "log or batching. Each row is one process's CPU (cores, from `/proc`) during the best trial "
@@ -825,7 +825,7 @@ def add_budget(add, s: dict) -> None:
         "echo target | all three (cores) | CPU per datagram (µs) |")
     add("|---|---:|---:|---:|---:|---:|---:|")
     names = [("direct", "direct UDP, 10 sockets"), ("direct1000", "direct UDP, one socket per tunnel"),
-             ("quic", "QUIC floor (no UDP leg)"), ("relay", "relay floor (UDP leg only)"),
+             ("quic", "QUIC floor (no UDP leg)"), ("relay", "minimal relay (UDP leg, no batching)"),
              ("ferry", "Ferry"), ("envoy", "Envoy 1.40")]
     for key, name in names:
         b = B.get(key)
@@ -915,7 +915,7 @@ def targets(s: dict, results: dict) -> list[list[str]]:
         "n/a" if mf is None else f"{mf * 100:.0f}%", None)
     mr = None if M["ferry"] is None or not M.get("relay") else M["ferry"] / M["relay"]
     if M.get("relay") is not None:
-        row("… the relay floor (UDP leg only, no proxy logic) against direct UDP; Ferry against it (not targets)",
+        row("… the minimal relay (UDP leg only, no proxy logic) against direct UDP; Ferry against it (not targets)",
             f"{ratio(M['relay'], M['direct'])}; Ferry {'n/a' if mr is None else f'{mr:.2f}x'}", None)
     fair = s["many_below_half"]["ferry"]
     row("… fair share: no tunnel below half the mean",

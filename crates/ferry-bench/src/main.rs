@@ -69,7 +69,7 @@ enum Cmd {
         /// Exit after this many seconds.
         #[arg(long, default_value_t = 3600.0)]
         max_secs: f64,
-        /// The relay floor: instead of echoing, relay each tunnel's datagrams to this UDP
+        /// The minimal relay: instead of echoing, relay each tunnel's datagrams to this UDP
         /// target over a socket of its own, with nothing else a proxy does.
         #[arg(long)]
         relay: Option<SocketAddr>,

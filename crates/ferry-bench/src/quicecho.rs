@@ -7,12 +7,12 @@
 //! any RFC 9298 proxy's round trip, which `--direct` (plain UDP) is not; the benchmarks use
 //! it to say how much of a proxy's added latency is the proxy's own.
 //!
-//! With `relay` set it becomes the **relay floor**: the least a CONNECT-UDP proxy can do on
-//! the same stack. Each tunnel gets its own connected UDP socket to `relay` (as in Ferry and
-//! Envoy: one flow per tunnel), each datagram's payload is sent on it, and what comes back
-//! is sent to the client as an HTTP Datagram. No request checks, policy, stats, access log,
-//! capsules or batching: what that costs is the part of a proxy's cost that is the UDP leg
-//! itself.
+//! With `relay` set it becomes the **minimal relay**: the least a CONNECT-UDP proxy can do
+//! on the same stack, done plainly. Each tunnel gets its own connected UDP socket to `relay`
+//! (as in Ferry and Envoy: one flow per tunnel), each datagram's payload is sent on it, and
+//! what comes back is sent to the client as an HTTP Datagram. No request checks, policy,
+//! stats, access log or capsules, and no batching either (one system call per datagram): it
+//! shows what the UDP leg itself costs a proxy, without the proxy's logic.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -26,7 +26,7 @@ use ferry_config::{CertificateKeyPair, ServerTls};
 use ferry_proto::varint;
 use tokio::net::UdpSocket;
 
-/// Each connection's tunnels by quarter stream id (relay floor only). One worker thread:
+/// Each connection's tunnels by quarter stream id (minimal relay only). One worker thread:
 /// the lock is never contended.
 type Tunnels = Arc<Mutex<HashMap<u64, Arc<UdpSocket>>>>;
 

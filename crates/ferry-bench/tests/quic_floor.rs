@@ -100,7 +100,7 @@ fn load_through_the_quic_floor_gets_every_datagram_back() {
     assert_eq!(r["malformed"].as_u64(), Some(0), "{r}");
 }
 
-/// The relay floor (`quic-echo --relay`): every datagram goes to the real UDP target over the
+/// The minimal relay (`quic-echo --relay`): every datagram goes to the real UDP target over the
 /// tunnel's own socket and comes back from it; with `--target-pid` the load reports the
 /// target's CPU. Pointed at a port where nothing answers, nothing comes back: the datagrams
 /// really cross the UDP leg, they are not echoed by the floor itself.
