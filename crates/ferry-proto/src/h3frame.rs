@@ -46,6 +46,11 @@ pub struct FrameTooLarge {
     pub frame_type: u64,
     /// The frame's announced payload length, or the request head's bytes so far.
     pub len: u64,
+    /// How many bytes of the chunk given to [`FrameGuard::inspect`] come before the refused
+    /// frame: whole frames, which the reader may still pass on (0 when the refused frame
+    /// began in an earlier chunk). A request head and an oversized frame after it can
+    /// arrive in one read; the head is then answered like any other.
+    pub accepted: usize,
 }
 
 impl std::fmt::Display for FrameTooLarge {
@@ -157,9 +162,24 @@ impl FrameGuard {
 
     /// Look at the next bytes of the stream.
     pub fn inspect(&mut self, data: &[u8]) -> Result<(), FrameTooLarge> {
+        let mut boundary = 0;
+        self.inspect_from(data, &mut boundary)
+            .map_err(|e| FrameTooLarge {
+                accepted: boundary,
+                ..e
+            })
+    }
+
+    /// `inspect`, noting in `boundary` where in `data` the latest frame began.
+    fn inspect_from(&mut self, data: &[u8], boundary: &mut usize) -> Result<(), FrameTooLarge> {
         let mut i = 0;
         while i < data.len() {
             let before = i;
+            if let Phase::FrameType(v) = &self.phase {
+                if !v.started {
+                    *boundary = i;
+                }
+            }
             match &mut self.phase {
                 Phase::Unframed => return Ok(()),
                 Phase::Payload { ty, left } => {
@@ -220,6 +240,7 @@ impl FrameGuard {
                     request_head: true,
                     frame_type: ty,
                     len: *seen,
+                    accepted: 0,
                 });
             }
         }
@@ -241,6 +262,7 @@ impl FrameGuard {
                     request_head: true,
                     frame_type: ty,
                     len,
+                    accepted: 0,
                 });
             }
             if len > MAX_BUFFERED_FRAME_BYTES {
@@ -248,6 +270,7 @@ impl FrameGuard {
                     request_head: pending,
                     frame_type: ty,
                     len,
+                    accepted: 0,
                 });
             }
         }
@@ -364,5 +387,33 @@ mod tests {
         let mut encoder = varint(0x2);
         encoder.extend(frame_header(FRAME_HEADERS, 1 << 30));
         feed(FrameGuard::unidirectional(), &encoder).unwrap();
+    }
+
+    #[test]
+    fn a_refusal_says_which_whole_frames_of_the_chunk_came_before_it() {
+        let mut head = frame_header(FRAME_HEADERS, 10);
+        head.extend([0; 10]);
+        let mut grease = frame_header(0x21, 2);
+        grease.extend([0; 2]);
+        let oversized = frame_header(0x21, 8 << 20);
+        // Head, a small frame and the oversized one in one read: the first two may pass.
+        let chunk = [head.clone(), grease.clone(), oversized.clone()].concat();
+        let e = FrameGuard::request().inspect(&chunk).unwrap_err();
+        assert!(!e.request_head);
+        assert_eq!(e.accepted, head.len() + grease.len());
+        // The oversized frame's first byte in the head's read, the rest in the next one:
+        // nothing of the second read comes before it.
+        let mut g = FrameGuard::request();
+        let mut first = head.clone();
+        first.push(oversized[0]);
+        g.inspect(&first).unwrap();
+        assert_eq!(g.inspect(&oversized[1..]).unwrap_err().accepted, 0);
+        // On the control stream, the stream type and SETTINGS come before it.
+        let mut control = varint(STREAM_TYPE_CONTROL);
+        control.extend(frame_header(0x4, 0));
+        let n = control.len();
+        control.extend(&oversized);
+        let e = FrameGuard::unidirectional().inspect(&control).unwrap_err();
+        assert_eq!(e.accepted, n);
     }
 }

@@ -24,7 +24,8 @@
 //!   (RFC 9114 section 4.1.1: a complete response before the whole request);
 //! - every later non-DATA frame on a request stream (trailers, unknown frames) may carry
 //!   at most the limit: past it the stream fails with STOP_SENDING(H3_EXCESSIVE_LOAD) and
-//!   h3 returns an error to whoever reads it (the tunnel ends);
+//!   h3 returns an error to whoever reads it (the tunnel ends). Whole frames that came in
+//!   the same read before it (the request head itself, say) still reach h3 first;
 //! - on the peer's control stream every frame may carry at most the limit: past it the
 //!   connection is closed with H3_EXCESSIVE_LOAD.
 //!
@@ -116,6 +117,12 @@ impl<S: quic::RecvStream<Buf = Bytes>> quic::RecvStream for Guarded<S> {
                 tracing::debug!("refusing stream: {e}");
                 self.refused = Some(e);
                 self.refusals.inc();
+                // A request stream whose head is complete: the whole frames this read
+                // brought before the refused one (the request head itself, when both came
+                // in one read) still go to h3, so the request is answered as if the refused
+                // frame had come in a later read. The next read fails.
+                let passed = (self.conn.is_none() && !e.request_head && e.accepted > 0)
+                    .then(|| data.slice(..e.accepted.min(data.len())));
                 match &self.conn {
                     Some(conn) => conn.close(
                         quinn::VarInt::from_u32(H3_EXCESSIVE_LOAD),
@@ -130,7 +137,10 @@ impl<S: quic::RecvStream<Buf = Bytes>> quic::RecvStream for Guarded<S> {
                         H3_EXCESSIVE_LOAD
                     })),
                 }
-                Poll::Ready(Err(refusal(e)))
+                match passed {
+                    Some(whole_frames) => Poll::Ready(Ok(Some(whole_frames))),
+                    None => Poll::Ready(Err(refusal(e))),
+                }
             }
         }
     }
@@ -185,6 +195,14 @@ where
             refusals: self.refusals,
         };
         (send, recv)
+    }
+}
+
+/// The guard's refusal, when that is what `err` (from reading a request stream) is.
+pub fn refused_frame(err: &h3::error::StreamError) -> Option<FrameTooLarge> {
+    match err {
+        h3::error::StreamError::Undefined(e) => e.downcast_ref::<FrameTooLarge>().copied(),
+        _ => None,
     }
 }
 

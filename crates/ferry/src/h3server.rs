@@ -404,7 +404,19 @@ async fn terminate(
             ))
         }
         Some(Ok(Some(mut data))) => initial = Some(data.copy_to_bytes(data.remaining())),
-        Some(Err(_)) => return Ok(()),
+        // The frame guard refused a frame that came in the same read as the request head
+        // (it has stopped the stream, H3_EXCESSIVE_LOAD): the request is answered, 413,
+        // rather than dropped. Any other error (the client reset its side) leaves nobody
+        // to answer.
+        Some(Err(e)) => {
+            return match crate::h3limit::refused_frame(&e) {
+                Some(refused) => Err((
+                    stream,
+                    decide::reject(413, Some("http_request_error"), refused.to_string()),
+                )),
+                None => Ok(()),
+            }
+        }
         None => {}
     }
 

@@ -386,6 +386,55 @@ async fn oversized_frame_after_the_request_head_ends_only_that_tunnel() {
     );
 }
 
+/// The same, with the oversized frame's header in the same write (one QUIC STREAM frame)
+/// as the request head: the head still gets an answer, 413 with `proxy-status`, and the
+/// stream is stopped; no tunnel opens. Before the guard passed on the whole frames ahead
+/// of a refused one, such a request was dropped unanswered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_frame_in_the_request_heads_read_still_gets_the_answer() {
+    let (proxy, _target) = start_default().await;
+    let client = proxy.client(true).await;
+    let (mut send, mut recv) = client.conn.open_bi().await.unwrap();
+    let mut head = connect_udp_headers_frame();
+    // A reserved frame type (0x21) announcing 8 MiB (4-byte varint).
+    head.extend_from_slice(&[0x21, 0x80, 0x80, 0x00, 0x00]);
+    send.write_all(&head).await.unwrap();
+    let mut response = [0u8; 256];
+    let n = tokio::time::timeout(DEADLINE, recv.read(&mut response))
+        .await
+        .expect("no response")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        response[0],
+        0x01,
+        "a HEADERS frame: {:02x?}",
+        &response[..n]
+    );
+    let (written, code) = flood_until_stopped(&mut send, 8 << 20).await;
+    assert!(written <= STREAM_WINDOW, "wrote {written}");
+    assert_eq!(code, quinn::VarInt::from_u32(H3_EXCESSIVE_LOAD));
+    let p = "http.ingress_http.";
+    proxy
+        .wait_stat(&format!("{p}downstream_h3_frame_too_large"), 1)
+        .await;
+    proxy.wait_stat(&format!("{p}downstream_rq_4xx"), 1).await;
+    assert_eq!(proxy.stat(&format!("{p}connect_udp.tunnels_total")), 0);
+    assert_eq!(
+        proxy.stat(&format!("{p}downstream_rq_headers_too_large")),
+        0
+    );
+    // The answer is 413. That is not a QPACK static-table status, so it goes as a literal
+    // value: "413" as it is, or Huffman-coded (RFC 7541 appendix B: '4' 011010, '1' 00001,
+    // '3' 011001, padded with ones: 68 2c ff).
+    let head = &response[..n];
+    assert!(
+        head.windows(3)
+            .any(|w| w == b"413" || w == [0x68, 0x2c, 0xff]),
+        "{head:02x?}"
+    );
+}
+
 /// A client whose control stream carries a frame over the limit (after its SETTINGS) loses
 /// its connection (H3_EXCESSIVE_LOAD) as soon as the length is read; it is counted, and
 /// other connections keep their service.
