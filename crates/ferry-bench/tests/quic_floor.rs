@@ -39,7 +39,36 @@ fn serve(args: &[&str]) -> (String, Killed) {
     (line.trim().to_string(), Killed(child))
 }
 
-fn load(args: &[&str]) -> serde_json::Value {
+/// `ferry-bench quic-echo` with the test certificate, and `extra` arguments.
+fn quic_echo(extra: &[&str]) -> (String, Killed) {
+    let c = certs();
+    let (cert, key) = (c.join("cert.pem"), c.join("key.pem"));
+    let mut args = vec![
+        "quic-echo",
+        "--max-secs",
+        "60",
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    serve(&args)
+}
+
+/// `load` arguments for 3 tunnels through `proxy` to `target`, and `extra`.
+fn through(proxy: &str, target: &str, extra: &[&str]) -> Vec<String> {
+    let ca = certs().join("cert.pem");
+    let mut args: Vec<String> = ["--proxy", proxy, "--ca", ca.to_str().unwrap()]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    args.extend(["--target", target, "--tunnels", "3"].map(String::from));
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+fn load(args: &[String]) -> serde_json::Value {
     let out = load_output(args);
     assert!(
         out.status.success(),
@@ -49,7 +78,7 @@ fn load(args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-fn load_output(args: &[&str]) -> std::process::Output {
+fn load_output(args: &[String]) -> std::process::Output {
     Command::new(BIN)
         .arg("load")
         .args(args)
@@ -69,29 +98,10 @@ fn load_output(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn load_through_the_quic_floor_gets_every_datagram_back() {
-    let c = certs();
-    let (cert, key) = (c.join("cert.pem"), c.join("key.pem"));
-    let (addr, _floor) = serve(&[
-        "quic-echo",
-        "--max-secs",
-        "60",
-        "--cert",
-        cert.to_str().unwrap(),
-        "--key",
-        key.to_str().unwrap(),
-    ]);
+    let (addr, _floor) = quic_echo(&[]);
     assert!(addr.starts_with("127.0.0.1:"), "{addr}");
     // The target is never contacted: the floor echoes the datagrams itself.
-    let j = load(&[
-        "--proxy",
-        &addr,
-        "--ca",
-        cert.to_str().unwrap(),
-        "--target",
-        "127.0.0.1:9",
-        "--tunnels",
-        "3",
-    ]);
+    let j = load(&through(&addr, "127.0.0.1:9", &[]));
     let r = &j["result"];
     let sent = r["sent"].as_u64().unwrap();
     assert!(sent >= 400, "{r}");
@@ -100,42 +110,16 @@ fn load_through_the_quic_floor_gets_every_datagram_back() {
     assert_eq!(r["malformed"].as_u64(), Some(0), "{r}");
 }
 
-/// The minimal relay (`quic-echo --relay`): every datagram goes to the real UDP target over the
-/// tunnel's own socket and comes back from it; with `--target-pid` the load reports the
+/// The minimal relay (`quic-echo --relay`): every datagram goes to the real UDP target over
+/// the tunnel's own socket and comes back from it; with `--target-pid` the load reports the
 /// target's CPU. Pointed at a port where nothing answers, nothing comes back: the datagrams
-/// really cross the UDP leg, they are not echoed by the floor itself.
+/// really cross the UDP leg, they are not echoed by the server itself.
 #[test]
-fn load_through_the_relay_floor_crosses_the_udp_leg() {
-    let c = certs();
-    let (cert, key) = (c.join("cert.pem"), c.join("key.pem"));
+fn load_through_the_minimal_relay_crosses_the_udp_leg() {
     let (echo, echo_child) = serve(&["echo", "--max-secs", "60"]);
     let echo_pid = echo_child.0.id().to_string();
-    let relay = |target: &str| {
-        serve(&[
-            "quic-echo",
-            "--max-secs",
-            "60",
-            "--cert",
-            cert.to_str().unwrap(),
-            "--key",
-            key.to_str().unwrap(),
-            "--relay",
-            target,
-        ])
-    };
-    let (addr, _relay) = relay(&echo);
-    let j = load(&[
-        "--proxy",
-        &addr,
-        "--ca",
-        cert.to_str().unwrap(),
-        "--target",
-        &echo,
-        "--target-pid",
-        &echo_pid,
-        "--tunnels",
-        "3",
-    ]);
+    let (addr, _relay) = quic_echo(&["--relay", &echo]);
+    let j = load(&through(&addr, &echo, &["--target-pid", &echo_pid]));
     let r = &j["result"];
     let sent = r["sent"].as_u64().unwrap();
     assert!(sent >= 400, "{r}");
@@ -148,17 +132,8 @@ fn load_through_the_relay_floor_crosses_the_udp_leg() {
     let dead = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let dead_addr = dead.local_addr().unwrap().to_string();
     drop(dead);
-    let (addr, _relay) = relay(&dead_addr);
-    let out = load_output(&[
-        "--proxy",
-        &addr,
-        "--ca",
-        cert.to_str().unwrap(),
-        "--target",
-        &dead_addr,
-        "--tunnels",
-        "3",
-    ]);
+    let (addr, _relay) = quic_echo(&["--relay", &dead_addr]);
+    let out = load_output(&through(&addr, &dead_addr, &[]));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("never echoed"), "{err}");

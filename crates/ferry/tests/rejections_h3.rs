@@ -334,6 +334,33 @@ fn connect_udp_headers_frame() -> Vec<u8> {
     frame
 }
 
+/// The rest of the 8 MiB the oversized frame announced: the proxy stops the stream
+/// (H3_EXCESSIVE_LOAD) within one stream window, and counts the refusal.
+async fn stopped_for_excessive_load(send: &mut quinn::SendStream, proxy: &Proxy) {
+    let (written, code) = flood_until_stopped(send, 8 << 20).await;
+    assert!(written <= STREAM_WINDOW, "wrote {written}");
+    assert_eq!(code, quinn::VarInt::from_u32(H3_EXCESSIVE_LOAD));
+    proxy
+        .wait_stat("http.ingress_http.downstream_h3_frame_too_large", 1)
+        .await;
+}
+
+/// A reserved frame type (0x21) announcing 8 MiB (4-byte varint length).
+const OVERSIZED_FRAME_HEADER: [u8; 5] = [0x21, 0x80, 0x80, 0x00, 0x00];
+
+/// The first bytes of a response on a raw request stream: a HEADERS frame.
+async fn read_response_head(recv: &mut quinn::RecvStream) -> Vec<u8> {
+    let mut response = [0u8; 256];
+    let n = tokio::time::timeout(DEADLINE, recv.read(&mut response))
+        .await
+        .expect("no response")
+        .unwrap()
+        .unwrap();
+    let head = response[..n].to_vec();
+    assert_eq!(head[0], 0x01, "a HEADERS frame: {head:02x?}");
+    head
+}
+
 /// After a request head that opened a tunnel, a frame over the limit on the request stream
 /// (a reserved type announcing 8 MiB) is refused on its length: STOP_SENDING
 /// (H3_EXCESSIVE_LOAD), the tunnel ends, the refusal is counted
@@ -345,29 +372,11 @@ async fn oversized_frame_after_the_request_head_ends_only_that_tunnel() {
     let (mut send, mut recv) = client.conn.open_bi().await.unwrap();
     send.write_all(&connect_udp_headers_frame()).await.unwrap();
     // The 2xx response head arrives first: the tunnel is open.
-    let mut response = [0u8; 256];
-    let n = tokio::time::timeout(DEADLINE, recv.read(&mut response))
-        .await
-        .expect("no response")
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        response[0],
-        0x01,
-        "a HEADERS frame: {:02x?}",
-        &response[..n]
-    );
-    // A reserved frame type (0x21) announcing 8 MiB (4-byte varint), then its bytes.
-    send.write_all(&[0x21, 0x80, 0x80, 0x00, 0x00])
-        .await
-        .unwrap();
-    let (written, code) = flood_until_stopped(&mut send, 8 << 20).await;
-    assert!(written <= STREAM_WINDOW, "wrote {written}");
-    assert_eq!(code, quinn::VarInt::from_u32(H3_EXCESSIVE_LOAD));
+    read_response_head(&mut recv).await;
+    // The oversized frame's header, then its bytes.
+    send.write_all(&OVERSIZED_FRAME_HEADER).await.unwrap();
+    stopped_for_excessive_load(&mut send, &proxy).await;
     let p = "http.ingress_http.";
-    proxy
-        .wait_stat(&format!("{p}downstream_h3_frame_too_large"), 1)
-        .await;
     proxy
         .wait_stat(&format!("{p}connect_udp.tunnels_total"), 1)
         .await;
@@ -395,29 +404,12 @@ async fn oversized_frame_in_the_request_heads_read_still_gets_the_answer() {
     let (proxy, _target) = start_default().await;
     let client = proxy.client(true).await;
     let (mut send, mut recv) = client.conn.open_bi().await.unwrap();
-    let mut head = connect_udp_headers_frame();
-    // A reserved frame type (0x21) announcing 8 MiB (4-byte varint).
-    head.extend_from_slice(&[0x21, 0x80, 0x80, 0x00, 0x00]);
-    send.write_all(&head).await.unwrap();
-    let mut response = [0u8; 256];
-    let n = tokio::time::timeout(DEADLINE, recv.read(&mut response))
-        .await
-        .expect("no response")
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        response[0],
-        0x01,
-        "a HEADERS frame: {:02x?}",
-        &response[..n]
-    );
-    let (written, code) = flood_until_stopped(&mut send, 8 << 20).await;
-    assert!(written <= STREAM_WINDOW, "wrote {written}");
-    assert_eq!(code, quinn::VarInt::from_u32(H3_EXCESSIVE_LOAD));
+    let mut request = connect_udp_headers_frame();
+    request.extend_from_slice(&OVERSIZED_FRAME_HEADER);
+    send.write_all(&request).await.unwrap();
+    let head = read_response_head(&mut recv).await;
+    stopped_for_excessive_load(&mut send, &proxy).await;
     let p = "http.ingress_http.";
-    proxy
-        .wait_stat(&format!("{p}downstream_h3_frame_too_large"), 1)
-        .await;
     proxy.wait_stat(&format!("{p}downstream_rq_4xx"), 1).await;
     assert_eq!(proxy.stat(&format!("{p}connect_udp.tunnels_total")), 0);
     assert_eq!(
@@ -427,7 +419,6 @@ async fn oversized_frame_in_the_request_heads_read_still_gets_the_answer() {
     // The answer is 413. That is not a QPACK static-table status, so it goes as a literal
     // value: "413" as it is, or Huffman-coded (RFC 7541 appendix B: '4' 011010, '1' 00001,
     // '3' 011001, padded with ones: 68 2c ff).
-    let head = &response[..n];
     assert!(
         head.windows(3)
             .any(|w| w == b"413" || w == [0x68, 0x2c, 0xff]),
