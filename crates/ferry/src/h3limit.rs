@@ -119,8 +119,9 @@ impl<S: quic::RecvStream<Buf = Bytes>> quic::RecvStream for Guarded<S> {
                 self.refusals.inc();
                 // A request stream whose head is complete: the whole frames this read
                 // brought before the refused one (the request head itself, when both came
-                // in one read) still go to h3, so the request is answered as if the refused
-                // frame had come in a later read. The next read fails.
+                // in one read) still go to h3, so the request is read and answered (413
+                // from `h3server::terminate`, which sees the refusal on its first read of
+                // the body). The next read fails.
                 let passed = (self.conn.is_none() && !e.request_head && e.accepted > 0)
                     .then(|| data.slice(..e.accepted.min(data.len())));
                 match &self.conn {
