@@ -61,7 +61,7 @@ pub fn run(
         .build()
         .map_err(|e| e.to_string())?;
     rt.block_on(async move {
-        let endpoint = ferry::quic::server_endpoint(listen, tls, 1000)?;
+        let endpoint = ferry::quic::server_endpoint(listen, tls, 1000, Default::default())?;
         let bound = endpoint.local_addr().map_err(|e| e.to_string())?;
         println!("{bound}");
         let serve = async {

@@ -349,6 +349,7 @@ fn build_listener(
         _ => address.to_string(),
     };
 
+    let socket_buffers = socket_buffers(ctx, &p.f("socket_options"), &l.socket_options);
     let up = p.f("udp_listener_config");
     // The listener's own max_concurrent_streams, when set (else the HCM's, below).
     let mut quic_streams = None;
@@ -368,6 +369,12 @@ fn build_listener(
         model::SocketProtocol::Tcp
     });
     let udp = protocol == model::SocketProtocol::Udp;
+    if !udp && !l.socket_options.is_empty() {
+        ctx.err(
+            &p.f("socket_options"),
+            "is supported on UDP listeners (HTTP/3, udp_proxy) only by Ferry (yet)",
+        );
+    }
     if !udp && quic.is_some() {
         ctx.err(
             &up.f("quic_options"),
@@ -410,6 +417,7 @@ fn build_listener(
                 hcm: placeholder_hcm(),
             },
             udp_proxy,
+            socket_buffers,
         };
     }
     if l.filter_chains.is_empty() {
@@ -444,7 +452,65 @@ fn build_listener(
         quic,
         filter_chain,
         udp_proxy,
+        socket_buffers,
     }
+}
+
+/// SOL_SOCKET, SO_SNDBUF and SO_RCVBUF on Linux, the numbers Envoy's `socket_options` take.
+const SOL_SOCKET: u64 = 1;
+const SO_SNDBUF: u64 = 7;
+const SO_RCVBUF: u64 = 8;
+
+/// `socket_options[]`: SO_RCVBUF and SO_SNDBUF with an `int_value` are applied before bind
+/// (whatever `state` says: they only matter before traffic); any other option is refused.
+fn socket_buffers(ctx: &mut Ctx, p: &P, options: &[raw::SocketOption]) -> model::SocketBuffers {
+    let mut b = model::SocketBuffers::default();
+    for (i, o) in options.iter().enumerate() {
+        let op = p.i(i);
+        ctx.unsupported(&op, o.unsupported_fields());
+        if o.socket_type.is_some() {
+            ctx.unsupported(&op, vec!["type"]);
+        }
+        match o.state.as_deref() {
+            None | Some("STATE_PREBIND" | "STATE_BOUND" | "STATE_LISTENING") => {}
+            Some(other) => ctx.err(
+                &op.f("state"),
+                format!("`{other}`: expected STATE_PREBIND, STATE_BOUND or STATE_LISTENING"),
+            ),
+        }
+        let level = uint(
+            ctx,
+            &op.f("level"),
+            o.level.as_ref(),
+            0,
+            u64::from(u32::MAX),
+        );
+        let name = uint(ctx, &op.f("name"), o.name.as_ref(), 0, u64::from(u32::MAX));
+        let value = match &o.int_value {
+            Some(v) => uint(ctx, &op.f("int_value"), Some(v), 1, i32::MAX as u64)
+                .and_then(|v| usize::try_from(v).ok()),
+            // A `buf_value` instead has been reported as unsupported already.
+            None if o.buf_value.is_some() => None,
+            None => {
+                ctx.err(
+                    &op.f("int_value"),
+                    "is required (Ferry supports integer options only)",
+                );
+                None
+            }
+        };
+        match (level.unwrap_or(0), name.unwrap_or(0)) {
+            (SOL_SOCKET, SO_RCVBUF) => b.recv = value.or(b.recv),
+            (SOL_SOCKET, SO_SNDBUF) => b.send = value.or(b.send),
+            (level, name) => ctx.err(
+                &op.f("name"),
+                format!(
+                    "level {level} name {name}: Ferry supports SO_RCVBUF (level 1, name 8) and SO_SNDBUF (level 1, name 7) only (yet)"
+                ),
+            ),
+        }
+    }
+    b
 }
 
 /// `quic`: the listener is UDP (so QUIC: raw UDP listeners have been rejected already).

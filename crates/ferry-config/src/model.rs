@@ -43,6 +43,18 @@ pub struct Listener {
     /// `listener_filters[]` `envoy.filters.udp_listener.udp_proxy` with `tunneling_config`:
     /// a raw UDP listener whose sessions are tunnelled with CONNECT-UDP.
     pub udp_proxy: Option<UdpProxy>,
+    /// `socket_options[]` SO_RCVBUF and SO_SNDBUF (UDP listeners).
+    pub socket_buffers: SocketBuffers,
+}
+
+/// Socket buffer sizes a listener asks the kernel for (`setsockopt` before bind; the kernel
+/// caps them at `net.core.rmem_max` / `wmem_max`). None: Ferry's default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SocketBuffers {
+    /// SO_RCVBUF (`level: 1`, `name: 8`).
+    pub recv: Option<usize>,
+    /// SO_SNDBUF (`level: 1`, `name: 7`).
+    pub send: Option<usize>,
 }
 
 /// `envoy.filters.udp_listener.udp_proxy` (`UdpProxyConfig`) with `tunneling_config`.

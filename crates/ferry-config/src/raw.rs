@@ -264,17 +264,33 @@ envoy_message! {
         udp_listener_config: Option<UdpListenerConfig>,
         filter_chains: Vec<FilterChain>,
         listener_filters: Vec<ListenerFilter>,
+        socket_options: Vec<SocketOption>,
     }
     unsupported [
         additional_addresses, stat_prefix, filter_chain_matcher, use_original_dst,
         default_filter_chain, per_connection_buffer_limit_bytes, metadata, deprecated_v1,
         drain_type, listener_filters_timeout,
-        continue_on_listener_filters_timeout, transparent, freebind, socket_options,
+        continue_on_listener_filters_timeout, transparent, freebind,
         tcp_fast_open_queue_length, traffic_direction, api_listener, connection_balance_config,
         reuse_port, enable_reuse_port, access_log, tcp_backlog_size,
         max_connections_to_accept_per_socket_event, bind_to_port, internal_listener,
         enable_mptcp, ignore_global_conn_limit, bypass_overload_manager, fcds_config,
     ]
+}
+
+envoy_message! {
+    /// `envoy.config.core.v3.SocketOption`.
+    struct SocketOption {
+        description: Option<String>,
+        level: Option<PortValue>,
+        name: Option<PortValue>,
+        int_value: Option<PortValue>,
+        state: Option<String>,
+        /// `type` (which sockets the option applies to; Ferry's listeners have one).
+        #[serde(rename = "type")]
+        socket_type: Option<Unsupported>,
+    }
+    unsupported [buf_value]
 }
 
 envoy_message! {

@@ -72,6 +72,7 @@ fn expected_terminate_h3() -> Bootstrap {
                 },
             },
             udp_proxy: None,
+            socket_buffers: SocketBuffers::default(),
         }],
         clusters: vec![Cluster {
             name: "service_target".into(),

@@ -7,6 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use ferry_config::SocketBuffers;
 
 const HCM: &str = "static_resources.listeners[0].filter_chains[0].filters[0].typed_config";
 const QUIC: &str = "static_resources.listeners[0].udp_listener_config.quic_options";
@@ -216,4 +217,73 @@ fn hcm_quic_max_concurrent_streams() {
         e.path,
         format!("{HCM}.http3_protocol_options.quic_protocol_options.max_concurrent_streams")
     );
+}
+
+fn with_socket_options(text: &str, options: &str) -> String {
+    edit(
+        text,
+        "    udp_listener_config:\n",
+        &format!("    socket_options:\n{options}    udp_listener_config:\n"),
+    )
+}
+
+#[test]
+fn socket_buffers_from_socket_options() {
+    assert_eq!(
+        load_yaml(&terminate_h3()).unwrap().listeners[0].socket_buffers,
+        SocketBuffers::default()
+    );
+    // SO_RCVBUF and SO_SNDBUF (level SOL_SOCKET), as Envoy writes them; int64 values may be
+    // strings, and `state` and `description` are accepted.
+    let b = load_yaml(&with_socket_options(
+        &terminate_h3(),
+        "    - { description: rcvbuf, level: 1, name: 8, int_value: 33554432, state: STATE_PREBIND }\n    - { level: 1, name: 7, int_value: \"1048576\" }\n",
+    ))
+    .unwrap();
+    assert_eq!(
+        b.listeners[0].socket_buffers,
+        SocketBuffers {
+            recv: Some(33_554_432),
+            send: Some(1_048_576)
+        }
+    );
+}
+
+#[test]
+fn other_socket_options_are_refused_by_path() {
+    let p = "static_resources.listeners[0].socket_options[0]";
+    let refused = |option: &str| single_error(&with_socket_options(&terminate_h3(), option));
+    // SO_KEEPALIVE.
+    let e = refused("    - { level: 1, name: 9, int_value: 1 }\n");
+    assert_eq!(e.path, format!("{p}.name"));
+    assert!(e.message.contains("SO_RCVBUF"), "{e}");
+    // Another level (IPPROTO_IP).
+    assert_eq!(
+        refused("    - { level: 0, name: 8, int_value: 1 }\n").path,
+        format!("{p}.name")
+    );
+    // A buffer size that is not a positive int.
+    for bad in ["0", "-1", "x", "4294967296"] {
+        let e = refused(&format!(
+            "    - {{ level: 1, name: 8, int_value: {bad} }}\n"
+        ));
+        assert_eq!(e.path, format!("{p}.int_value"), "{bad}: {e}");
+    }
+    assert_eq!(
+        refused("    - { level: 1, name: 8 }\n").path,
+        format!("{p}.int_value")
+    );
+    let e = refused("    - { level: 1, name: 8, int_value: 1, state: STATE_OTHER }\n");
+    assert_eq!(e.path, format!("{p}.state"));
+    let e = refused("    - { level: 1, name: 8, buf_value: AAAA }\n");
+    assert!(e.path.starts_with(p), "{e}");
+    // On a TCP listener.
+    let (tcp, _, _) = bootstrap("terminate-tcp-h2-h1.yaml.in");
+    let tcp = edit(
+        &tcp,
+        "    filter_chains:\n",
+        "    socket_options:\n    - { level: 1, name: 8, int_value: 65536 }\n    filter_chains:\n",
+    );
+    let e = single_error(&tcp);
+    assert_eq!(e.path, "static_resources.listeners[0].socket_options");
 }

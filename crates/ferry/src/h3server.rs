@@ -63,8 +63,13 @@ impl H3Listener {
             .quic
             .as_ref()
             .map_or(100, |q| q.max_concurrent_streams);
-        let endpoint = crate::quic::server_endpoint(listener.address, tls, max_streams)
-            .map_err(|e| format!("listener {}: {e}", listener.name))?;
+        let endpoint = crate::quic::server_endpoint(
+            listener.address,
+            tls,
+            max_streams,
+            listener.socket_buffers,
+        )
+        .map_err(|e| format!("listener {}: {e}", listener.name))?;
         let local_addr = endpoint
             .local_addr()
             .map_err(|e| format!("listener {}: {e}", listener.name))?;

@@ -8,12 +8,17 @@ use std::time::Duration;
 /// The default (about 208 KiB) overflows in bursts at tunnel rates.
 const SOCKET_BUFFER: usize = 4 << 20;
 
-/// Bind a UDP socket for a QUIC endpoint.
-pub fn bind_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+/// Bind a UDP socket for a QUIC endpoint (or a raw UDP listener), with the buffers a
+/// listener's `socket_options` ask for, else [`SOCKET_BUFFER`] each.
+pub fn bind_socket(
+    addr: SocketAddr,
+    buffers: ferry_config::SocketBuffers,
+) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
-    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    // Best effort, as Envoy's socket options: the kernel caps what it grants.
+    let _ = socket.set_recv_buffer_size(buffers.recv.unwrap_or(SOCKET_BUFFER));
+    let _ = socket.set_send_buffer_size(buffers.send.unwrap_or(SOCKET_BUFFER));
     if addr.is_ipv6() {
         let _ = socket.set_only_v6(false);
     }
@@ -66,6 +71,7 @@ pub fn server_endpoint(
     addr: SocketAddr,
     tls: rustls::ServerConfig,
     max_concurrent_streams: u32,
+    buffers: ferry_config::SocketBuffers,
 ) -> Result<quinn::Endpoint, String> {
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| format!("TLS config unusable for QUIC: {e}"))?;
@@ -74,7 +80,7 @@ pub fn server_endpoint(
     transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(max_concurrent_streams));
     transport.receive_window(quinn::VarInt::from_u32(SERVER_CONNECTION_RECEIVE_WINDOW));
     server.transport_config(Arc::new(transport));
-    let socket = bind_socket(addr).map_err(|e| format!("cannot bind {addr}: {e}"))?;
+    let socket = bind_socket(addr, buffers).map_err(|e| format!("cannot bind {addr}: {e}"))?;
     quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
         Some(server),
@@ -92,7 +98,8 @@ pub fn client_endpoint(
         .map_err(|e| format!("TLS config unusable for QUIC: {e}"))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
     client.transport_config(Arc::new(client_transport_config()));
-    let socket = bind_socket(bind).map_err(|e| format!("cannot bind {bind}: {e}"))?;
+    let socket = bind_socket(bind, ferry_config::SocketBuffers::default())
+        .map_err(|e| format!("cannot bind {bind}: {e}"))?;
     let mut endpoint = quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
         None,
@@ -102,4 +109,28 @@ pub fn client_endpoint(
     .map_err(|e| format!("cannot start QUIC endpoint: {e}"))?;
     endpoint.set_default_client_config(client);
     Ok(endpoint)
+}
+
+#[cfg(all(test, target_os = "linux"))]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A listener's `socket_options` buffer sizes reach the socket (Linux reports twice the
+    /// size asked for: the kernel's bookkeeping share).
+    #[test]
+    fn socket_options_size_the_buffers() {
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let asked = ferry_config::SocketBuffers {
+            recv: Some(65_536),
+            send: Some(98_304),
+        };
+        let socket = bind_socket(addr, asked).unwrap();
+        let sock = socket2::SockRef::from(&socket);
+        assert_eq!(sock.recv_buffer_size().unwrap(), 2 * 65_536);
+        assert_eq!(sock.send_buffer_size().unwrap(), 2 * 98_304);
+        // Without them: Ferry's default, as much of 4 MiB as the kernel grants.
+        let socket = bind_socket(addr, ferry_config::SocketBuffers::default()).unwrap();
+        assert!(socket2::SockRef::from(&socket).recv_buffer_size().unwrap() > 2 * 65_536);
+    }
 }

@@ -45,12 +45,13 @@ impl UdpProxyListener {
         store: &Store,
         destinations: &Destinations,
     ) -> Result<Self, String> {
-        let std_socket = crate::quic::bind_socket(listener.address).map_err(|e| {
-            format!(
-                "listener {}: cannot bind {}: {e}",
-                listener.name, listener.address
-            )
-        })?;
+        let std_socket = crate::quic::bind_socket(listener.address, listener.socket_buffers)
+            .map_err(|e| {
+                format!(
+                    "listener {}: cannot bind {}: {e}",
+                    listener.name, listener.address
+                )
+            })?;
         std_socket
             .set_nonblocking(true)
             .map_err(|e| format!("listener {}: {e}", listener.name))?;

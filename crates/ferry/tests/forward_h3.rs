@@ -435,7 +435,9 @@ async fn hostile_next_hop(
         require_client_certificate: false,
     };
     let tls = ferry::tls::server_config(&tls, &[b"h3"]).unwrap();
-    let endpoint = ferry::quic::server_endpoint("127.0.0.1:0".parse().unwrap(), tls, 100).unwrap();
+    let endpoint =
+        ferry::quic::server_endpoint("127.0.0.1:0".parse().unwrap(), tls, 100, Default::default())
+            .unwrap();
     let addr = endpoint.local_addr().unwrap();
     let task = tokio::spawn(async move {
         let conn = endpoint
