@@ -369,12 +369,6 @@ fn build_listener(
         model::SocketProtocol::Tcp
     });
     let udp = protocol == model::SocketProtocol::Udp;
-    if !udp && !l.socket_options.is_empty() {
-        ctx.err(
-            &p.f("socket_options"),
-            "is supported on UDP listeners (HTTP/3, udp_proxy) only by Ferry (yet)",
-        );
-    }
     if !udp && quic.is_some() {
         ctx.err(
             &up.f("quic_options"),

@@ -43,7 +43,7 @@ pub struct Listener {
     /// `listener_filters[]` `envoy.filters.udp_listener.udp_proxy` with `tunneling_config`:
     /// a raw UDP listener whose sessions are tunnelled with CONNECT-UDP.
     pub udp_proxy: Option<UdpProxy>,
-    /// `socket_options[]` SO_RCVBUF and SO_SNDBUF (UDP listeners).
+    /// `socket_options[]` SO_RCVBUF and SO_SNDBUF.
     pub socket_buffers: SocketBuffers,
 }
 

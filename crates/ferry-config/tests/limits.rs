@@ -277,13 +277,21 @@ fn other_socket_options_are_refused_by_path() {
     assert_eq!(e.path, format!("{p}.state"));
     let e = refused("    - { level: 1, name: 8, buf_value: AAAA }\n");
     assert!(e.path.starts_with(p), "{e}");
-    // On a TCP listener.
+}
+
+#[test]
+fn socket_buffers_on_a_tcp_listener() {
     let (tcp, _, _) = bootstrap("terminate-tcp-h2-h1.yaml.in");
     let tcp = edit(
         &tcp,
         "    filter_chains:\n",
         "    socket_options:\n    - { level: 1, name: 8, int_value: 65536 }\n    filter_chains:\n",
     );
-    let e = single_error(&tcp);
-    assert_eq!(e.path, "static_resources.listeners[0].socket_options");
+    assert_eq!(
+        load_yaml(&tcp).unwrap().listeners[0].socket_buffers,
+        SocketBuffers {
+            recv: Some(65_536),
+            send: None
+        }
+    );
 }

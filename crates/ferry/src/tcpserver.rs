@@ -39,6 +39,33 @@ pub struct TcpListener {
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
+/// The backlog of a TCP listener bound with socket options (what std's `bind` uses too).
+const TCP_BACKLOG: i32 = 128;
+
+/// Bind a TCP listener. With `socket_options` buffer sizes, they are set before bind (the
+/// accepted connections inherit them; setting SO_RCVBUF turns the kernel's receive
+/// autotuning off for them, as it does in Envoy); without, std's plain bind.
+pub fn bind_tcp(
+    addr: std::net::SocketAddr,
+    buffers: ferry_config::SocketBuffers,
+) -> std::io::Result<std::net::TcpListener> {
+    if buffers == ferry_config::SocketBuffers::default() {
+        return std::net::TcpListener::bind(addr);
+    }
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if let Some(n) = buffers.recv {
+        socket.set_recv_buffer_size(n)?;
+    }
+    if let Some(n) = buffers.send {
+        socket.set_send_buffer_size(n)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(TCP_BACKLOG)?;
+    Ok(socket.into())
+}
+
 impl TcpListener {
     /// Bind the listener's socket. Nothing is served until [`TcpListener::serve`].
     pub fn bind(
@@ -61,7 +88,7 @@ impl TcpListener {
             }
             None => None,
         };
-        let std = std::net::TcpListener::bind(listener.address)
+        let std = bind_tcp(listener.address, listener.socket_buffers)
             .map_err(|e| format!("listener {name}: cannot bind {}: {e}", listener.address))?;
         std.set_nonblocking(true)
             .map_err(|e| format!("listener {name}: {e}"))?;
@@ -547,5 +574,30 @@ async fn upgraded(on_upgrade: hyper::upgrade::OnUpgrade) -> Option<UpgradedHalve
             accesslog::note(|r| r.tunnel_ended(tunnel::End::ClientGone));
             None
         }
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A TCP listener's `socket_options` buffer sizes reach its socket, and so the
+    /// connections it accepts (Linux reports twice the size asked for).
+    #[test]
+    fn socket_options_size_the_listener_and_its_connections() {
+        let asked = ferry_config::SocketBuffers {
+            recv: Some(65_536),
+            send: Some(98_304),
+        };
+        let listener = bind_tcp("127.0.0.1:0".parse().unwrap(), asked).unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        let sock = socket2::SockRef::from(&accepted);
+        assert_eq!(sock.recv_buffer_size().unwrap(), 2 * 65_536);
+        assert_eq!(sock.send_buffer_size().unwrap(), 2 * 98_304);
+        // Without them, std's bind: the kernel's defaults.
+        let plain = bind_tcp("127.0.0.1:0".parse().unwrap(), Default::default()).unwrap();
+        assert!(plain.local_addr().is_ok());
     }
 }
