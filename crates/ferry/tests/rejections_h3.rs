@@ -348,15 +348,32 @@ async fn stopped_for_excessive_load(send: &mut quinn::SendStream, proxy: &Proxy)
 /// A reserved frame type (0x21) announcing 8 MiB (4-byte varint length).
 const OVERSIZED_FRAME_HEADER: [u8; 5] = [0x21, 0x80, 0x80, 0x00, 0x00];
 
-/// The first bytes of a response on a raw request stream: a HEADERS frame.
+/// The first frame of a response on a raw request stream, whole (it may arrive in several
+/// reads): a HEADERS frame.
 async fn read_response_head(recv: &mut quinn::RecvStream) -> Vec<u8> {
-    let mut response = [0u8; 256];
-    let n = tokio::time::timeout(DEADLINE, recv.read(&mut response))
-        .await
-        .expect("no response")
-        .unwrap()
-        .unwrap();
-    let head = response[..n].to_vec();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 256];
+    loop {
+        // Type 0x01 (one byte), then the length as a QUIC varint, then the header block.
+        if head.len() >= 2 {
+            let len_bytes = 1_usize << (head[1] >> 6);
+            if head.len() > len_bytes {
+                let mut len = u64::from(head[1] & 0x3f);
+                for b in &head[2..=len_bytes] {
+                    len = (len << 8) | u64::from(*b);
+                }
+                if head.len() as u64 > len_bytes as u64 + len {
+                    break;
+                }
+            }
+        }
+        let n = tokio::time::timeout(DEADLINE, recv.read(&mut buf))
+            .await
+            .expect("no response")
+            .unwrap()
+            .unwrap_or_else(|| panic!("the stream ended after {head:02x?}"));
+        head.extend_from_slice(&buf[..n]);
+    }
     assert_eq!(head[0], 0x01, "a HEADERS frame: {head:02x?}");
     head
 }
