@@ -104,26 +104,45 @@ async fn serve_connection(conn: quinn::Connection, relay: Option<SocketAddr>) {
             let Ok((_request, mut stream)) = resolver.resolve_request().await else {
                 continue;
             };
-            if let Some(target) = relay {
-                let qsid = stream.id().into_inner() / 4;
-                let Ok(udp) = ferry::tunnel::connect_udp(target) else {
-                    continue;
-                };
-                let udp = Arc::new(udp);
-                if let Ok(mut t) = tunnels.lock() {
-                    t.insert(qsid, udp.clone());
+            // The minimal relay: the tunnel's own socket, routed to by quarter stream id.
+            let relayed = match relay {
+                Some(target) => {
+                    let qsid = stream.id().into_inner() / 4;
+                    let Ok(udp) = ferry::tunnel::connect_udp(target) else {
+                        continue;
+                    };
+                    let udp = Arc::new(udp);
+                    if let Ok(mut t) = tunnels.lock() {
+                        t.insert(qsid, udp.clone());
+                    }
+                    Some((qsid, udp))
                 }
-                tokio::spawn(from_target(udp, qsid, conn.clone(), tunnels.clone()));
-            }
+                None => None,
+            };
             let mut response = http::Response::new(());
             response
                 .headers_mut()
                 .insert("capsule-protocol", http::HeaderValue::from_static("?1"));
-            if stream.send_response(response).await.is_ok() {
-                // The tunnel stays open until the client ends its stream; anything it
-                // sends on the stream (capsules) is read and dropped.
-                tokio::spawn(async move { while let Ok(Some(_)) = stream.recv_data().await {} });
-            }
+            let answered = stream.send_response(response).await.is_ok();
+            let (conn, tunnels) = (conn.clone(), tunnels.clone());
+            // The tunnel lasts until the client ends its stream (or the connection ends);
+            // anything it sends on the stream (capsules) is read and dropped. Then its
+            // socket and route go.
+            tokio::spawn(async move {
+                let held =
+                    async { while answered && matches!(stream.recv_data().await, Ok(Some(_))) {} };
+                if let Some((qsid, udp)) = relayed {
+                    tokio::select! {
+                        _ = held => {}
+                        _ = from_target(udp, qsid, conn) => {}
+                    }
+                    if let Ok(mut t) = tunnels.lock() {
+                        t.remove(&qsid);
+                    }
+                } else {
+                    held.await;
+                }
+            });
         }
     };
     tokio::join!(echo, requests);
@@ -148,27 +167,18 @@ fn to_target(datagram: &Bytes, tunnels: &Tunnels) {
     }
 }
 
-/// What the target sends back, to the client as HTTP Datagrams of tunnel `qsid`, until the
-/// connection ends.
-async fn from_target(udp: Arc<UdpSocket>, qsid: u64, conn: quinn::Connection, tunnels: Tunnels) {
+/// What the target sends back, to the client as HTTP Datagrams of tunnel `qsid`, until a
+/// read or a send fails.
+async fn from_target(udp: Arc<UdpSocket>, qsid: u64, conn: quinn::Connection) {
     let mut buf = vec![0u8; 65_536];
     let header = varint::encoded_len(qsid) + 1;
-    loop {
-        tokio::select! {
-            r = udp.recv(&mut buf) => {
-                let Ok(n) = r else { break };
-                let mut out = BytesMut::with_capacity(header + n);
-                let _ = varint::put(qsid, &mut out);
-                out.put_u8(0);
-                out.extend_from_slice(buf.get(..n).unwrap_or_default());
-                if conn.send_datagram(out.freeze()).is_err() {
-                    break;
-                }
-            }
-            _ = conn.closed() => break,
+    while let Ok(n) = udp.recv(&mut buf).await {
+        let mut out = BytesMut::with_capacity(header + n);
+        let _ = varint::put(qsid, &mut out);
+        out.put_u8(0);
+        out.extend_from_slice(buf.get(..n).unwrap_or_default());
+        if conn.send_datagram(out.freeze()).is_err() {
+            return;
         }
-    }
-    if let Ok(mut t) = tunnels.lock() {
-        t.remove(&qsid);
     }
 }
